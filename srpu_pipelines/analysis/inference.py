@@ -1,0 +1,82 @@
+"""Full-size inference by sliding windows with overlap blending.
+
+Tiles overlap; each tile's softmax is weighted by a window that falls off towards the
+tile border (where a CNN sees least context) and the weighted sum is normalised, so
+seams disappear. Images smaller than a tile are reflect-padded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def autocast_ctx(enabled: bool):
+    """bfloat16 autocast on the CPU where it is enabled, otherwise a no-op."""
+    if enabled:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@functools.cache
+def bf16_supported() -> bool:
+    """True when this CPU runs bfloat16 matmuls natively (AVX512-BF16 / AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _window(tile: int) -> torch.Tensor:
+    ramp = torch.sin(torch.pi * (torch.arange(tile, dtype=torch.float32) + 0.5) / tile)
+    w = torch.outer(ramp, ramp)
+    return w.clamp_min(1e-3)
+
+
+def _starts(size: int, tile: int, stride: int) -> list[int]:
+    return sorted(set(list(range(0, size - tile + 1, stride)) + [size - tile]))
+
+
+@torch.no_grad()
+def predict_probs(
+    model: nn.Module,
+    image: np.ndarray,
+    tile: int = 256,
+    overlap: float = 0.25,
+    batch_size: int = 8,
+    bf16: bool = False,
+) -> np.ndarray:
+    """Class probabilities (C, H, W) float32 for a standardised (H, W) image."""
+    model.eval()
+    h, w = image.shape
+    ph, pw = max(0, tile - h), max(0, tile - w)
+    x = np.pad(image, ((0, ph), (0, pw)), mode="reflect") if (ph or pw) else image
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None]
+    hp, wp = x.shape
+    stride = max(1, int(round(tile * (1.0 - overlap))))
+    coords = [(r, c) for r in _starts(hp, tile, stride) for c in _starts(wp, tile, stride)]
+    win = _window(tile)
+    acc: torch.Tensor | None = None
+    norm = torch.zeros(hp, wp)
+    for i in range(0, len(coords), batch_size):
+        chunk = coords[i : i + batch_size]
+        batch = torch.cat([t[..., r : r + tile, c : c + tile] for r, c in chunk])
+        with autocast_ctx(bf16):
+            logits = model(batch)
+        probs = logits.float().softmax(1)
+        if acc is None:
+            acc = torch.zeros(probs.shape[1], hp, wp)
+        for p, (r, c) in zip(probs, chunk, strict=True):
+            acc[:, r : r + tile, c : c + tile] += p * win
+            norm[r : r + tile, c : c + tile] += win
+    assert acc is not None
+    return (acc / norm)[:, :h, :w].numpy()
+
+
+def predict_labels(model: nn.Module, image: np.ndarray, **kw) -> np.ndarray:
+    """uint8 (H, W) argmax class indices for a standardised (H, W) image."""
+    return predict_probs(model, image, **kw).argmax(0).astype(np.uint8)

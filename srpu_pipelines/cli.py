@@ -1,0 +1,228 @@
+"""``srpu`` command line: each subcommand reads params.yaml and calls one core function.
+
+    srpu [--params params.yaml] [--set key=value ...] COMMAND [options]
+
+Errors a user can fix (bad params, bad input files, missing checkpoints) print one clear
+message and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from srpu_pipelines.config import Params, ParamsError, load_params
+
+
+def _table(metrics: dict[str, Any], title: str) -> str:
+    names = list(metrics["iou"])
+    w = max(len(n) for n in [*names, "mean"]) + 2
+    lines = [title, f"{'class':<{w}}{'IoU':>8}{'Dice':>8}"]
+    for n in names:
+        lines.append(f"{n:<{w}}{metrics['iou'][n]:>8.4f}{metrics['dice'][n]:>8.4f}")
+    lines.append(f"{'mean':<{w}}{metrics['miou']:>8.4f}{metrics['mdice']:>8.4f}")
+    return "\n".join(lines)
+
+
+def cmd_demo_data(params: Params, args: argparse.Namespace) -> int:
+    from srpu_pipelines.data.demo import generate_demo
+
+    res = generate_demo(params)
+    print(
+        f"demo data in {params.demo.out_dir}: {res['written']} files written, "
+        f"{res['kept']} already there (kept)"
+    )
+    return 0
+
+
+def cmd_index(params: Params, args: argparse.Namespace) -> int:
+    from srpu_pipelines.data.index import build_index, write_index
+
+    idx = build_index(params, show_progress=not args.quiet)
+    changed = write_index(idx, params.data.index_path)
+    c = idx["counts"]
+    splits = ", ".join(f"{k} {v}" for k, v in c.items() if k not in ("labeled", "pool", "skipped"))
+    print(
+        f"{params.data.index_path}: {c['labeled']} labelled pairs ({splits}), "
+        f"{c['pool']} pool images, {c['skipped']} skipped"
+        f"{'' if changed else ' (unchanged)'}"
+    )
+    for s in idx["skipped"]:
+        print(f"  skipped {s['path']}: {s['reason']}")
+    return 0
+
+
+def cmd_train(params: Params, args: argparse.Namespace) -> int:
+    from srpu_pipelines.data.index import load_index
+    from srpu_pipelines.training.trainer import train_stage
+
+    res = train_stage(
+        params,
+        load_index(params.data.index_path),
+        out_dir=args.out,
+        init_weights=args.init,
+        budget_s=args.budget_s,
+        max_steps=args.steps,
+        progress=not args.quiet,
+    )
+    val = (
+        f"best val mIoU {res.best_miou:.4f} at epoch {res.best_epoch}"
+        if math.isfinite(res.best_miou)
+        else "no validation images (best = lowest loss)"
+    )
+    print(
+        f"trained {res.steps} steps in {res.train_seconds:.0f}s "
+        f"({'resumed, ' if res.resumed else ''}{res.epochs} epochs); {val}; "
+        f"checkpoint {res.best_checkpoint}"
+    )
+    return 0
+
+
+def _checkpoint(params: Params, args: argparse.Namespace) -> Path:
+    if args.checkpoint:
+        return Path(args.checkpoint)
+    return Path(params.train.out_dir) / f"{params.evaluate.checkpoint}.pt"
+
+
+def cmd_evaluate(params: Params, args: argparse.Namespace) -> int:
+    from srpu_pipelines.analysis.evaluate import evaluate_checkpoint
+    from srpu_pipelines.data.index import load_index
+
+    m = evaluate_checkpoint(
+        params,
+        load_index(params.data.index_path),
+        _checkpoint(params, args),
+        split=args.split,
+        out_dir=args.out,
+        progress=not args.quiet,
+    )
+    print(_table(m, f"split {m['split']} ({m['images']} images), {m['checkpoint']}"))
+    for ds, sc in m["per_dataset"].items():
+        print(f"  {ds}: mIoU {sc['miou']:.4f}")
+    print(f"metrics and overlays in {args.out or params.evaluate.out_dir}")
+    return 0
+
+
+def cmd_predict(params: Params, args: argparse.Namespace) -> int:
+    from srpu_pipelines.analysis.evaluate import predict_folder
+
+    res = predict_folder(
+        params, _checkpoint(params, args), args.input, args.out, progress=not args.quiet
+    )
+    print(
+        f"{len(res['predicted'])} images segmented into {args.out or params.predict.out_dir}, "
+        f"{len(res['skipped'])} skipped"
+    )
+    for s in res["skipped"]:
+        print(f"  skipped {s['path']}: {s['reason']}")
+    return 0
+
+
+def cmd_bench(params: Params, args: argparse.Namespace) -> int:
+    from srpu_pipelines.bench import bench_supervised
+
+    if args.budget_s is None and args.steps is None:
+        raise ParamsError("bench supervised: give --budget-s and/or --steps")
+    res = bench_supervised(
+        params,
+        seeds=args.seeds,
+        budget_s=args.budget_s,
+        steps=args.steps,
+        work_dir=Path(args.work_dir),
+        progress=not args.quiet,
+    )
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="srpu", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one params key, e.g. --set train.epochs=5 (repeatable)",
+    )
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo-data", help="write the synthetic SEM demo data set (demo.*)")
+    p.set_defaults(func=cmd_demo_data)
+    p = sub.add_parser("index", help="scan data.datasets, validate, split, write the index JSON")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("train", help="train one stage on the index (train.*)")
+    p.add_argument("--out", help="output folder (default train.out_dir)")
+    p.add_argument("--init", help="start from this local state_dict (model or encoder)")
+    p.add_argument("--budget-s", type=float, help="wall-clock budget (default train.budget_s)")
+    p.add_argument("--steps", type=int, help="step budget (default epochs x steps_per_epoch)")
+    p.set_defaults(func=cmd_train)
+
+    for name, helptext, fn in (
+        ("evaluate", "per-class IoU/Dice on a split, with overlay pictures", cmd_evaluate),
+        ("predict", "segment a folder of images at full size (colour + index masks)", cmd_predict),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--checkpoint", help="model .pt (default train.out_dir/<best|last>.pt)")
+        p.add_argument("--out", help=f"output folder (default {name}.out_dir)")
+        if name == "evaluate":
+            p.add_argument("--split", help="split to score (default evaluate.split)")
+        else:
+            p.add_argument("--input", help="folder of images (default predict.input_dir)")
+        p.set_defaults(func=fn)
+
+    p = sub.add_parser("bench", help="benchmarks that print JSON (not tests)")
+    bsub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    b = bsub.add_parser("supervised", help="train from scratch per seed, score the test split")
+    b.add_argument("--budget-s", type=float, help="training wall-clock seconds per seed")
+    b.add_argument("--steps", type=int, help="training steps per seed (with or instead of time)")
+    b.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
+    b.add_argument("--work-dir", default="outputs/bench", help="where runs are written")
+    b.set_defaults(func=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if not args.quiet else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    from srpu_pipelines.data.imageio import ImageReadError
+    from srpu_pipelines.data.index import BadInputError
+    from srpu_pipelines.data.masks import MaskDecodeError
+    from srpu_pipelines.models.factory import UnknownNameError
+
+    try:
+        params = load_params(args.params, args.set)
+        return args.func(params, args)
+    except (
+        ParamsError,
+        BadInputError,
+        ImageReadError,
+        MaskDecodeError,
+        FileNotFoundError,
+        ValueError,
+        UnknownNameError,
+    ) as e:
+        if os.environ.get("SRPU_DEBUG"):
+            raise
+        print(f"srpu: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "srpu: interrupted; `srpu train` resumes from the last finished epoch", file=sys.stderr
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

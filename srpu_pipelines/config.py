@@ -1,0 +1,313 @@
+"""Typed parameters: params.yaml parsed into pydantic models.
+
+Every knob of the pipeline lives in params.yaml. ``load_params`` reads it, applies
+``key.path=value`` overrides (from CLI flags), and validates the result. An unknown key
+or a bad value raises :class:`ParamsError` with the dotted key that is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+IGNORE_INDEX = 255  # class-index value for pixels that are not labelled (info bars, unpainted)
+
+
+class ParamsError(ValueError):
+    """A params file that cannot be used; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+RGB = tuple[int, int, int]
+
+
+class ClassSpec(_Strict):
+    name: str = Field(min_length=1)
+    color: RGB = Field(description="display colour (R, G, B), also used to decode colour masks")
+
+    @field_validator("color")
+    @classmethod
+    def _rgb_range(cls, v: RGB) -> RGB:
+        if any(c < 0 or c > 255 for c in v):
+            raise ValueError(f"colour components must be 0..255, got {list(v)}")
+        return v
+
+
+class MaskParams(_Strict):
+    # index: pixel value = class index; color: RGB matched to class colours;
+    # grey: pixel grey level looked up in ``grey_levels`` (one level per class, in order).
+    encoding: Literal["index", "color", "grey"] = "color"
+    default_class: str | None = Field(
+        default=None, description="class for pixels matching no colour (hand-painted masks)"
+    )
+    ignore_color: RGB | None = Field(
+        default=None, description="colour meaning 'not labelled' (excluded from loss/metrics)"
+    )
+    grey_levels: list[int] | None = None
+    suffix: str = "_mask"
+
+
+class DatasetSpec(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    labeled: Path | None = Field(default=None, description="folder of NAME.ext + NAME_mask.ext")
+    masks: Path | None = Field(
+        default=None, description="optional separate folder of masks named like the images"
+    )
+    raw: Path | None = Field(default=None, description="folder of unlabelled pool images")
+
+
+class SplitParams(_Strict):
+    val: float = Field(default=0.2, ge=0.0, lt=1.0)
+    test: float = Field(default=0.2, ge=0.0, lt=1.0)
+    split_file: Path | None = Field(default=None, description="JSON {split: [names]} to honour")
+    rare_fraction: float = Field(
+        default=0.05, gt=0.0, lt=1.0, description="classes below this pixel share are 'rare'"
+    )
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitParams:
+        if self.val + self.test >= 1.0:
+            raise ValueError("val + test must leave room for a train split (sum < 1)")
+        return self
+
+
+class DataParams(_Strict):
+    datasets: list[DatasetSpec] = Field(min_length=1)
+    index_path: Path = Path("outputs/index.json")
+    on_bad_input: Literal["error", "skip"] = "error"
+    split: SplitParams = SplitParams()
+
+    @field_validator("datasets")
+    @classmethod
+    def _unique(cls, v: list[DatasetSpec]) -> list[DatasetSpec]:
+        names = [d.name for d in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"sub-dataset names must be unique, repeated: {dup}")
+        return v
+
+
+class ModelParams(_Strict):
+    arch: str = "unet"
+    encoder: str = "resnet18"
+    in_channels: int = Field(default=1, ge=1, le=4)
+    encoder_depth: int = Field(default=5, ge=3, le=5)
+    decoder_channels: list[int] | None = Field(
+        default=None, description="U-Net-family decoder widths, one per encoder stage"
+    )
+    weights: Path | None = Field(default=None, description="local state_dict to start from")
+
+    @model_validator(mode="after")
+    def _decoder(self) -> ModelParams:
+        if self.decoder_channels is not None and len(self.decoder_channels) != self.encoder_depth:
+            raise ValueError(
+                f"decoder_channels needs {self.encoder_depth} entries (encoder_depth), "
+                f"got {len(self.decoder_channels)}"
+            )
+        return self
+
+
+class AugmentParams(_Strict):
+    flips: bool = True
+    rotate90: bool = True
+    brightness_contrast: float = Field(default=0.2, ge=0.0, le=1.0)
+    gamma: float = Field(default=0.2, ge=0.0, le=1.0)
+    noise: float = Field(default=0.03, ge=0.0, le=1.0, description="max Gaussian noise std")
+    blur: float = Field(default=0.2, ge=0.0, le=1.0, description="probability of a blur")
+
+
+class LossParams(_Strict):
+    ce_weight: float = Field(default=1.0, ge=0.0)
+    dice_weight: float = Field(default=1.0, ge=0.0)
+    class_weights: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _some(self) -> LossParams:
+        if self.ce_weight == 0 and self.dice_weight == 0:
+            raise ValueError("ce_weight and dice_weight cannot both be 0")
+        return self
+
+
+class TrainParams(_Strict):
+    out_dir: Path = Path("outputs/train")
+    epochs: int = Field(default=20, ge=1)
+    steps_per_epoch: int = Field(default=50, ge=1)
+    budget_s: float | None = Field(default=None, gt=0, description="wall-clock cap on training")
+    batch_size: int = Field(default=8, ge=1)
+    tile_size: int = Field(default=256, ge=32, multiple_of=32)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    warmup_steps: int = Field(default=20, ge=0)
+    min_lr_ratio: float = Field(default=0.02, ge=0, le=1)
+    rare_crop_prob: float = Field(
+        default=0.5, ge=0, le=1, description="share of crops centred on a rare-class pixel"
+    )
+    loss: LossParams = LossParams()
+    augment: AugmentParams = AugmentParams()
+    splits: list[str] = Field(default_factory=lambda: ["train"], min_length=1)
+    val_split: str = "val"
+    resume: bool = True
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto", description="auto: bfloat16 autocast where the CPU supports it natively"
+    )
+    threads: int = Field(default=0, ge=0, description="torch threads; 0 = all cores")
+
+
+class InferenceParams(_Strict):
+    tile_size: int = Field(default=256, ge=32)
+    overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
+    batch_size: int = Field(default=8, ge=1)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+
+    @field_validator("tile_size")
+    @classmethod
+    def _mult32(cls, v: int) -> int:
+        if v % 32:
+            raise ValueError(f"must be a multiple of 32 (encoder downsampling), got {v}")
+        return v
+
+
+class EvaluateParams(_Strict):
+    split: str = "test"
+    out_dir: Path = Path("outputs/evaluate")
+    overlays: int = Field(default=3, ge=0)
+    checkpoint: Literal["best", "last"] = "best"
+
+
+class PredictParams(_Strict):
+    input_dir: Path = Path("data/predict")
+    out_dir: Path = Path("outputs/predictions")
+
+
+class DemoParams(_Strict):
+    out_dir: Path = Path("data/demo")
+    datasets: list[str] = Field(default_factory=lambda: ["nmc_lpsc", "nca_llzo"], min_length=1)
+    labeled_per_dataset: int = Field(default=6, ge=1)
+    pool_per_dataset: int = Field(default=8, ge=0)
+    predict_images: int = Field(default=2, ge=0)
+    size: int = Field(default=256, ge=64)
+    info_bar: int = Field(default=24, ge=0, description="height of the SEM data bar in px")
+
+
+class Params(_Strict):
+    seed: int = 0
+    classes: list[ClassSpec] = Field(min_length=2)
+    mask: MaskParams = MaskParams()
+    data: DataParams
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    inference: InferenceParams = InferenceParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    predict: PredictParams = PredictParams()
+    demo: DemoParams = DemoParams()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Params:
+        names = [c.name for c in self.classes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"classes: names must be unique, got {names}")
+        colors = [c.color for c in self.classes]
+        if len(set(colors)) != len(colors):
+            raise ValueError("classes: colours must be unique (they decode colour masks)")
+        if self.mask.default_class is not None and self.mask.default_class not in names:
+            raise ValueError(
+                f"mask.default_class {self.mask.default_class!r} is not a class; valid: {names}"
+            )
+        if self.mask.ignore_color is not None and self.mask.ignore_color in colors:
+            raise ValueError("mask.ignore_color equals a class colour")
+        if self.mask.encoding == "grey":
+            lv = self.mask.grey_levels
+            if lv is None or len(lv) != len(names):
+                raise ValueError(
+                    f"mask.grey_levels needs one grey level per class ({len(names)}) "
+                    "when mask.encoding is 'grey'"
+                )
+        cw = self.train.loss.class_weights
+        if cw is not None and len(cw) != len(names):
+            raise ValueError(f"train.loss.class_weights needs {len(names)} entries (one per class)")
+        return self
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def resolved(self) -> dict[str, Any]:
+        """The parameters as plain JSON-able data (for logging with a run)."""
+        return json.loads(self.model_dump_json())
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        if isinstance(node, list):
+            try:
+                node = node[int(p)]
+                continue
+            except (ValueError, IndexError) as e:
+                raise ParamsError(f"override {dotted!r}: no list item {p!r}") from e
+        if p not in node or node[p] is None:
+            node[p] = {}
+        node = node[p]
+    last = parts[-1]
+    if isinstance(node, list):
+        try:
+            node[int(last)] = value
+        except (ValueError, IndexError) as e:
+            raise ParamsError(f"override {dotted!r}: no list item {last!r}") from e
+    else:
+        node[last] = value
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid parameters:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see params.yaml for the valid keys)"
+        got = e.get("input")
+        shown = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {got!r})"
+        lines.append(f"  {key}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
+    """Validate a params mapping; raise ParamsError naming each bad key."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(_format_errors(source, e)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read params.yaml, apply ``a.b.c=value`` overrides (YAML-typed values), validate.
+
+    Relative data paths stay relative to the current directory (where the CLI runs).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: top level must be a mapping of keys")
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ParamsError(f"override {ov!r}: expected KEY=VALUE, e.g. train.epochs=5")
+        key, val = ov.split("=", 1)
+        _set_dotted(raw, key.strip(), yaml.safe_load(val))
+    return parse_params(raw, str(path))

@@ -1,0 +1,163 @@
+"""Training samples: random-crop tiles with augmentation, and full-size evaluation images.
+
+Images are float32 in [0, 1]; the network sees them standardised per image (zero mean,
+unit variance over the whole micrograph), which removes SEM brightness and contrast
+differences between sessions and detectors. Masks are uint8 class indices (255 = ignore).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from srpu_pipelines.config import IGNORE_INDEX, AugmentParams
+from srpu_pipelines.data.imageio import read_grey
+from srpu_pipelines.data.masks import MaskCodec
+
+_MAX_COORDS = 4096  # per image and class, for class-centred crops
+
+
+def standardize(img: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """(H, W) float -> float32 with zero mean and unit variance over the image."""
+    img = img.astype(np.float32)
+    return (img - img.mean()) / max(float(img.std()), eps)
+
+
+@dataclass
+class Sample:
+    """One labelled micrograph in memory."""
+
+    id: str
+    dataset: str
+    image: np.ndarray  # float32 (H, W) in [0, 1]
+    mask: np.ndarray  # uint8 (H, W)
+    mean: float
+    std: float
+
+    @property
+    def normalized(self) -> np.ndarray:
+        return (self.image - self.mean) / self.std
+
+
+def load_samples(
+    items: list[dict[str, Any]], codec: MaskCodec, desc: str = "load", progress: bool = True
+) -> list[Sample]:
+    """Read the index items' images and masks into memory."""
+    out = []
+    for it in tqdm(items, desc=desc, disable=not progress, unit="img", leave=False):
+        img = read_grey(Path(it["image"]))
+        mask = codec.decode_file(Path(it["mask"]))
+        if img.shape != mask.shape:
+            raise ValueError(f"{it['mask']}: mask size {mask.shape} differs from image {img.shape}")
+        out.append(
+            Sample(
+                it["id"], it["dataset"], img, mask, float(img.mean()), max(float(img.std()), 1e-6)
+            )
+        )
+    return out
+
+
+def build_augment(p: AugmentParams) -> A.Compose:
+    ops: list[A.BasicTransform] = []
+    if p.flips:
+        ops += [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]
+    if p.rotate90:
+        ops.append(A.RandomRotate90(p=0.5))
+    if p.brightness_contrast > 0:
+        ops.append(A.RandomBrightnessContrast(p.brightness_contrast, p.brightness_contrast, p=0.5))
+    if p.gamma > 0:
+        g = int(round(100 * p.gamma))
+        ops.append(A.RandomGamma(gamma_limit=(100 - g, 100 + g), p=0.3))
+    if p.blur > 0:
+        ops.append(A.GaussianBlur(blur_limit=(3, 5), p=p.blur))
+    if p.noise > 0:
+        ops.append(A.GaussNoise(std_range=(0.0, p.noise), p=0.3))
+    return A.Compose(ops)
+
+
+class TileSampler(torch.utils.data.Dataset):
+    """Random crops of ``tile`` x ``tile`` from the samples, ``length`` per epoch.
+
+    A share ``rare_crop_prob`` of crops is centred on a pixel of a class drawn uniformly
+    from the classes present, so a phase covering 1 % of pixels is seen in many crops.
+    Call :meth:`set_epoch` before each epoch: crops are fixed by (seed, epoch), so a run
+    resumed at an epoch boundary sees the same data it would have seen.
+    """
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        tile: int,
+        length: int,
+        num_classes: int,
+        augment: AugmentParams,
+        rare_crop_prob: float,
+        seed: int,
+    ):
+        if not samples:
+            raise ValueError("no training images: check train.splits and the dataset index")
+        self.samples, self.tile, self.length = samples, tile, length
+        self.rare_crop_prob, self.seed = rare_crop_prob, seed
+        self.aug = build_augment(augment)
+        self.coords: list[dict[int, np.ndarray]] = []
+        rng = np.random.default_rng(seed)
+        for s in samples:
+            per_class = {}
+            for c in range(num_classes):
+                ys, xs = np.nonzero(s.mask == c)
+                if len(ys):
+                    keep = rng.choice(len(ys), min(len(ys), _MAX_COORDS), replace=False)
+                    per_class[c] = np.stack([ys[keep], xs[keep]], 1)
+            self.coords.append(per_class)
+        self.present = sorted({c for pc in self.coords for c in pc})
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.rng = np.random.default_rng([self.seed, epoch])
+        self.aug.set_random_seed(int(self.rng.integers(2**31)))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _crop(self) -> tuple[np.ndarray, np.ndarray, Sample]:
+        t, rng = self.tile, self.rng
+        if rng.random() < self.rare_crop_prob:
+            c = self.present[rng.integers(len(self.present))]
+            with_c = [i for i, pc in enumerate(self.coords) if c in pc]
+            i = with_c[rng.integers(len(with_c))]
+            cy, cx = self.coords[i][c][rng.integers(len(self.coords[i][c]))]
+            cy, cx = cy + rng.integers(-t // 4, t // 4 + 1), cx + rng.integers(-t // 4, t // 4 + 1)
+        else:
+            i = int(rng.integers(len(self.samples)))
+            h, w = self.samples[i].mask.shape
+            cy, cx = rng.integers(0, h), rng.integers(0, w)
+        s = self.samples[i]
+        img, mask = _pad_to(s.image, s.mask, t)
+        h, w = mask.shape
+        y0 = int(np.clip(cy - t // 2, 0, h - t))
+        x0 = int(np.clip(cx - t // 2, 0, w - t))
+        return img[y0 : y0 + t, x0 : x0 + t], mask[y0 : y0 + t, x0 : x0 + t], s
+
+    def __getitem__(self, _: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, T, T) float32 standardised image and (T, T) int64 mask."""
+        img, mask, s = self._crop()
+        out = self.aug(image=np.ascontiguousarray(img), mask=np.ascontiguousarray(mask))
+        x = (np.clip(out["image"], 0, 1) - s.mean) / s.std
+        return torch.from_numpy(x[None].astype(np.float32)), torch.from_numpy(
+            out["mask"].astype(np.int64)
+        )
+
+
+def _pad_to(img: np.ndarray, mask: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
+    ph, pw = max(0, t - img.shape[0]), max(0, t - img.shape[1])
+    if not (ph or pw):
+        return img, mask
+    img = np.pad(img, ((0, ph), (0, pw)), mode="reflect")
+    mask = np.pad(mask, ((0, ph), (0, pw)), constant_values=IGNORE_INDEX)
+    return img, mask

@@ -1,0 +1,273 @@
+"""The dataset index: every labelled pair and pool image, validated, hashed and split.
+
+The index JSON is the one list of data the rest of the pipeline reads. Splits are
+stratified by sub-dataset and by which rare classes an image holds, fixed by the seed,
+and stable: an image already in the previous index keeps its split when others are added.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from srpu_pipelines.config import Params
+from srpu_pipelines.data.discovery import Pair, PoolImage, Problem, find_labeled, find_pool
+from srpu_pipelines.data.imageio import ImageReadError, image_size, read_grey
+from srpu_pipelines.data.masks import MaskCodec, MaskDecodeError, class_fractions
+from srpu_pipelines.io_utils import atomic_write_json, read_json, sha256_file
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+INDEX_VERSION = 1
+
+
+class BadInputError(ValueError):
+    """Input files that cannot be used; lists every file and its problem."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(
+            f"{len(problems)} input problem(s) (set data.on_bad_input: skip to list and skip "
+            f"them instead):\n{lines}"
+        )
+
+
+def _posix(p: Path) -> str:
+    return p.as_posix()
+
+
+def _check_pair(pair: Pair, codec: MaskCodec) -> tuple[dict[str, Any] | None, Problem | None]:
+    try:
+        img = read_grey(pair.image)
+    except ImageReadError as e:
+        return None, Problem(str(pair.image), str(e).split(": ", 1)[-1])
+    try:
+        mask = codec.decode_file(pair.mask)
+    except (ImageReadError, MaskDecodeError) as e:
+        return None, Problem(str(pair.mask), str(e).split(": ", 1)[-1])
+    if img.shape != mask.shape:
+        return None, Problem(
+            str(pair.mask),
+            f"mask size {mask.shape[1]}x{mask.shape[0]} differs from image "
+            f"{pair.image.name} size {img.shape[1]}x{img.shape[0]} (width x height)",
+        )
+    if (mask == 255).all():
+        return None, Problem(str(pair.mask), "mask has no labelled pixel")
+    entry = {
+        "id": pair.id,
+        "name": pair.name,
+        "dataset": pair.dataset,
+        "image": _posix(pair.image),
+        "mask": _posix(pair.mask),
+        "image_sha256": sha256_file(pair.image),
+        "mask_sha256": sha256_file(pair.mask),
+        "height": int(img.shape[0]),
+        "width": int(img.shape[1]),
+        "class_fractions": [round(f, 6) for f in class_fractions(mask, codec.num_classes)],
+    }
+    return entry, None
+
+
+def _check_pool(img: PoolImage) -> tuple[dict[str, Any] | None, Problem | None]:
+    try:
+        h, w = image_size(img.image)
+        read_grey(img.image)  # decode once: a truncated file is caught now, not in round 5
+    except ImageReadError as e:
+        return None, Problem(str(img.image), str(e).split(": ", 1)[-1])
+    return {
+        "id": img.id,
+        "name": img.name,
+        "dataset": img.dataset,
+        "image": _posix(img.image),
+        "image_sha256": sha256_file(img.image),
+        "height": int(h),
+        "width": int(w),
+    }, None
+
+
+def _order_key(seed: int, item_id: str) -> str:
+    return hashlib.sha256(f"{seed}:{item_id}".encode()).hexdigest()
+
+
+def assign_splits(
+    items: list[dict[str, Any]],
+    params: Params,
+    previous: dict[str, str] | None = None,
+    explicit: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Split per item id: explicit file first, then the previous index, then stratified.
+
+    New items are placed one by one, in a seed-fixed order, into the split of their stratum
+    (sub-dataset x rare classes present) that is furthest below its target share; ties go to
+    the split furthest below target overall.
+    """
+    sp = params.data.split
+    fractions = {"train": 1.0 - sp.val - sp.test, "val": sp.val, "test": sp.test}
+    num = params.num_classes
+    totals = np.zeros(num)
+    for it in items:
+        totals += np.asarray(it["class_fractions"])
+    share = totals / max(totals.sum(), 1e-12)
+    rare = [k for k in range(num) if share[k] < sp.rare_fraction]
+
+    def stratum(it: dict[str, Any]) -> tuple:
+        return (it["dataset"], tuple(k for k in rare if it["class_fractions"][k] > 0))
+
+    out: dict[str, str] = {}
+    for it in items:
+        key_name = it["name"]
+        if explicit and (it["id"] in explicit or key_name in explicit):
+            out[it["id"]] = explicit.get(it["id"], explicit.get(key_name))
+        elif previous and it["id"] in previous:
+            out[it["id"]] = previous[it["id"]]
+    sizes = Counter(stratum(it) for it in items)
+    counts: dict[tuple, Counter] = {s: Counter() for s in sizes}
+    overall: Counter = Counter()
+    for it in items:
+        if it["id"] in out:
+            counts[stratum(it)][out[it["id"]]] += 1
+            overall[out[it["id"]]] += 1
+    new = sorted(
+        (it for it in items if it["id"] not in out),
+        key=lambda it: (stratum(it), _order_key(params.seed, it["id"])),
+    )
+    n_total = len(items)
+    for it in new:
+        s = stratum(it)
+
+        def score(split: str, s: tuple = s) -> tuple[float, float]:
+            local = fractions[split] * sizes[s] - counts[s][split]
+            glob = fractions[split] * n_total - overall[split]
+            return (round(local, 6), round(glob, 6))
+
+        best = max((sp_ for sp_ in SPLITS if fractions[sp_] > 0), key=score)
+        out[it["id"]] = best
+        counts[s][best] += 1
+        overall[best] += 1
+    return out
+
+
+def _load_split_file(path: Path) -> dict[str, str]:
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: split file must map split names to lists of image names")
+    out: dict[str, str] = {}
+    for split, names in data.items():
+        if not isinstance(names, list):
+            raise ValueError(f"{path}: split {split!r} must be a list of names")
+        for n in names:
+            out[str(n)] = str(split)
+    return out
+
+
+def build_index(params: Params, show_progress: bool = True) -> dict[str, Any]:
+    """Scan every sub-dataset, validate each file, and return the index as a dict.
+
+    Raises :class:`BadInputError` listing all problems unless ``data.on_bad_input`` is
+    ``skip``, in which case problems are logged and listed under ``skipped``.
+    """
+    codec = MaskCodec.from_params(params)
+    pairs: list[Pair] = []
+    pool: list[PoolImage] = []
+    problems: list[Problem] = []
+    for spec in params.data.datasets:
+        p, pr = find_labeled(spec, params.mask.suffix)
+        pairs += p
+        problems += pr
+        q, qr = find_pool(spec)
+        pool += q
+        problems += qr
+    labeled_ids = {p.id for p in pairs}
+    items: list[dict[str, Any]] = []
+    for pair in tqdm(pairs, desc="index: labelled pairs", disable=not show_progress, unit="pair"):
+        entry, prob = _check_pair(pair, codec)
+        if prob:
+            problems.append(prob)
+        else:
+            items.append(entry)
+    pool_items: list[dict[str, Any]] = []
+    for img in tqdm(pool, desc="index: pool images", disable=not show_progress, unit="img"):
+        if img.id in labeled_ids:
+            continue  # labelled since it entered the pool: the label wins
+        entry, prob = _check_pool(img)
+        if prob:
+            problems.append(prob)
+        else:
+            pool_items.append(entry)
+    if problems and params.data.on_bad_input == "error":
+        raise BadInputError(problems)
+    for p in problems:
+        log.warning("skipped %s", p)
+
+    previous: dict[str, str] = {}
+    index_path = Path(params.data.index_path)
+    if index_path.is_file():
+        try:
+            previous = {it["id"]: it["split"] for it in read_json(index_path).get("items", [])}
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"{index_path}: existing index is unreadable ({e}); move it away "
+                "to rebuild splits from scratch"
+            ) from None
+    explicit = None
+    if params.data.split.split_file is not None:
+        explicit = _load_split_file(Path(params.data.split.split_file))
+    splits = assign_splits(items, params, previous, explicit)
+    for it in items:
+        it["split"] = splits[it["id"]]
+    items.sort(key=lambda it: it["id"])
+    pool_items.sort(key=lambda it: it["id"])
+    return {
+        "version": INDEX_VERSION,
+        "classes": [c.name for c in params.classes],
+        "items": items,
+        "pool": pool_items,
+        "skipped": [{"path": p.path, "reason": p.reason} for p in problems],
+        "counts": {
+            "labeled": len(items),
+            "pool": len(pool_items),
+            "skipped": len(problems),
+            **{s: sum(1 for it in items if it["split"] == s) for s in sorted(set(splits.values()))},
+        },
+    }
+
+
+def write_index(index: dict[str, Any], path: str | Path) -> bool:
+    """Write the index atomically; return False (and touch nothing) when it is unchanged."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            if read_json(path) == index:
+                return False
+        except ValueError:
+            pass  # unreadable old index: replace it
+    atomic_write_json(path, index)
+    return True
+
+
+def load_index(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: dataset index not found; run `srpu index` first")
+    idx = read_json(path)
+    if not isinstance(idx, dict) or idx.get("version") != INDEX_VERSION or "items" not in idx:
+        raise ValueError(f"{path}: not an SRPU dataset index (version {INDEX_VERSION})")
+    return idx
+
+
+def select_items(
+    index: dict[str, Any], splits: list[str], datasets: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """Index items in the given splits (and sub-datasets, when given)."""
+    return [
+        it
+        for it in index["items"]
+        if it["split"] in splits and (datasets is None or it["dataset"] in datasets)
+    ]

@@ -1,0 +1,85 @@
+"""Checkpoints: a ``state_dict`` file plus a JSON config beside it, never a pickled module.
+
+``NAME.pt`` holds ``{"model": state_dict, ...training state}``; ``NAME.json`` holds what is
+needed to rebuild the network (architecture, encoder, classes, input normalisation) and
+the scores it was saved with. Both are written atomically; load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from srpu_pipelines.io_utils import atomic_write_json, atomic_write_with, read_json
+from srpu_pipelines.models.factory import create_model
+
+NORMALIZATION = "per_image_zscore"
+
+
+def model_config(params: Any) -> dict[str, Any]:
+    """The JSON config that rebuilds the model of ``params`` (a ``Params``)."""
+    m = params.model
+    return {
+        "arch": m.arch,
+        "encoder": m.encoder,
+        "in_channels": m.in_channels,
+        "encoder_depth": m.encoder_depth,
+        "decoder_channels": list(m.decoder_channels) if m.decoder_channels else None,
+        "num_classes": params.num_classes,
+        "class_names": params.class_names,
+        "class_colors": [list(c.color) for c in params.classes],
+        "normalization": NORMALIZATION,
+    }
+
+
+def save_checkpoint(
+    path: str | Path, model: nn.Module, config: dict[str, Any], state: dict[str, Any] | None = None
+) -> None:
+    """Write ``path`` (.pt: weights + optional training state) and its ``.json`` config."""
+    path = Path(path)
+    payload = {"model": model.state_dict(), **(state or {})}
+    atomic_write_with(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write_json(path.with_suffix(".json"), config)
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(payload, config) of a checkpoint; errors name the file."""
+    path = Path(path)
+    cfg_path = path.with_suffix(".json")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found; train a model first")
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: checkpoint config missing beside {path.name}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a damaged file
+        raise ValueError(f"{path}: damaged or not an SRPU checkpoint ({e})") from None
+    if not isinstance(payload, dict) or "model" not in payload:
+        raise ValueError(f"{path}: not an SRPU checkpoint (no 'model' state_dict)")
+    return payload, read_json(cfg_path)
+
+
+def build_from_config(config: dict[str, Any]) -> nn.Module:
+    return create_model(
+        config["arch"],
+        config["encoder"],
+        config["num_classes"],
+        in_channels=config["in_channels"],
+        encoder_depth=config["encoder_depth"],
+        decoder_channels=config["decoder_channels"],
+    )
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the network from the JSON config and load its weights; eval mode."""
+    payload, config = read_checkpoint(path)
+    model = build_from_config(config)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not fit the config beside it ({e})") from None
+    model.eval()
+    return model, config

@@ -1,0 +1,147 @@
+"""Segmentation models: a registry of smp architectures and one ``create_model`` factory.
+
+Encoders are smp's own names (``resnet18``, ``efficientnet-b0`` ...) or any timm model as
+``tu-<name>``. Weights start random (nothing can be downloaded here) or from a local file.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import segmentation_models_pytorch as smp
+import torch
+from torch import nn
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "unet": smp.Unet,
+    "unetplusplus": smp.UnetPlusPlus,
+    "fpn": smp.FPN,
+    "deeplabv3plus": smp.DeepLabV3Plus,
+    "manet": smp.MAnet,
+    "linknet": smp.Linknet,
+}
+_DECODER_CHANNELS_ARCHS = {"unet", "unetplusplus", "manet"}
+# FPN and DeepLabV3+ build their decoder for 5 encoder stages (other depths give wrong sizes).
+_DEPTH_ARCHS = {"unet", "unetplusplus", "manet", "linknet"}
+
+
+class UnknownNameError(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; show it plainly
+        return str(self.args[0])
+
+
+@functools.cache
+def encoder_names() -> tuple[str, ...]:
+    """smp encoder names plus ``tu-`` timm names."""
+    import timm
+
+    return tuple(sorted(smp.encoders.get_encoder_names())) + tuple(
+        f"tu-{n}" for n in timm.list_models()
+    )
+
+
+def _check_encoder(name: str) -> None:
+    if name in encoder_names():
+        return
+    smp_names = [n for n in encoder_names() if not n.startswith("tu-")]
+    raise UnknownNameError(
+        f"model.encoder: unknown encoder {name!r}. smp encoders: {', '.join(smp_names)}; "
+        "or any timm model as 'tu-<name>' (e.g. tu-resnet18, tu-convnext_atto)"
+    )
+
+
+def create_model(
+    arch: str,
+    encoder: str,
+    num_classes: int,
+    in_channels: int = 1,
+    encoder_depth: int = 5,
+    decoder_channels: list[int] | tuple[int, ...] | None = None,
+    weights: str | Path | None = None,
+) -> nn.Module:
+    """Build ``arch`` on ``encoder`` with random init, or load ``weights`` (a local file).
+
+    Input (N, in_channels, H, W) with H, W multiples of 2**encoder_depth; output logits
+    (N, num_classes, H, W).
+    """
+    if arch not in ARCHITECTURES:
+        raise UnknownNameError(
+            f"model.arch: unknown architecture {arch!r}; valid: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    _check_encoder(encoder)
+    kw: dict[str, Any] = dict(
+        encoder_name=encoder,
+        encoder_weights=None,
+        in_channels=in_channels,
+        classes=num_classes,
+        encoder_depth=encoder_depth,
+    )
+    if encoder_depth != 5 and arch not in _DEPTH_ARCHS:
+        raise ValueError(
+            f"model.encoder_depth: {arch!r} needs 5; other depths work with {sorted(_DEPTH_ARCHS)}"
+        )
+    if decoder_channels is not None:
+        if arch not in _DECODER_CHANNELS_ARCHS:
+            raise ValueError(
+                f"model.decoder_channels applies to {sorted(_DECODER_CHANNELS_ARCHS)}, not {arch!r}"
+            )
+        kw["decoder_channels"] = tuple(decoder_channels)
+    elif arch in _DECODER_CHANNELS_ARCHS:
+        kw["decoder_channels"] = (256, 128, 64, 32, 16)[:encoder_depth]
+    model = ARCHITECTURES[arch](**kw)
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+def load_weights(model: nn.Module, path: str | Path) -> dict[str, int]:
+    """Load a local state_dict (whole model, or encoder only) into ``model``.
+
+    Accepts an SRPU checkpoint (``{"model": state_dict, ...}``) or a bare state_dict.
+    Tensors whose names match ``model`` or ``model.encoder`` load; a file that matches
+    nothing, or whose shapes disagree, is an error naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.weights: {path} not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a bad file; name the file
+        raise ValueError(f"model.weights: {path} is not a loadable state_dict ({e})") from None
+    state = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"model.weights: {path} holds no state_dict")
+    own = model.state_dict()
+    target = (
+        own
+        if any(k in own for k in state)
+        else {f"encoder.{k}": v for k, v in own.items() if k.startswith("encoder.")}
+    )
+    if target is not own:
+        state = {f"encoder.{k}": v for k, v in state.items()}
+    matched = {k: v for k, v in state.items() if k in own}
+    if not matched:
+        raise ValueError(f"model.weights: no tensor in {path} matches this model/encoder")
+    bad = [k for k, v in matched.items() if v.shape != own[k].shape]
+    if bad:
+        raise ValueError(
+            f"model.weights: {path}: shape mismatch for {len(bad)} tensors, e.g. {bad[0]} "
+            f"{tuple(matched[bad[0]].shape)} vs {tuple(own[bad[0]].shape)}"
+        )
+    model.load_state_dict(matched, strict=False)
+    return {"loaded": len(matched), "total": len(own)}
+
+
+def model_from_params(p: Any, num_classes: int, weights: str | Path | None = None) -> nn.Module:
+    """``create_model`` from a ``ModelParams``; ``weights`` overrides ``p.weights``."""
+    return create_model(
+        p.arch,
+        p.encoder,
+        num_classes,
+        in_channels=p.in_channels,
+        encoder_depth=p.encoder_depth,
+        decoder_channels=p.decoder_channels,
+        weights=weights if weights is not None else p.weights,
+    )

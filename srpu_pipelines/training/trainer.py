@@ -1,0 +1,273 @@
+"""One supervised training stage: tiles in, best and last checkpoints out, resumable.
+
+Each epoch is ``train.steps_per_epoch`` optimiser steps on random crops, then a validation
+pass over full-size validation images (sliding windows). ``best.pt`` keeps the weights with
+the highest validation mIoU; ``last.pt`` keeps everything needed to resume (weights,
+optimiser, step, best score, history). A run stopped at any point resumes from the last
+finished epoch with no loss of its best score.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from srpu_pipelines.analysis.inference import autocast_ctx, bf16_supported, predict_labels
+from srpu_pipelines.analysis.metrics import ConfusionAccumulator
+from srpu_pipelines.config import Params
+from srpu_pipelines.data.dataset import Sample, TileSampler, load_samples
+from srpu_pipelines.data.index import select_items
+from srpu_pipelines.data.masks import MaskCodec
+from srpu_pipelines.io_utils import atomic_write_json
+from srpu_pipelines.models.checkpoint import model_config, read_checkpoint, save_checkpoint
+from srpu_pipelines.models.factory import model_from_params
+from srpu_pipelines.training.losses import SegLoss, lr_factor
+
+log = logging.getLogger(__name__)
+EpochCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    best_miou: float
+    best_epoch: int
+    epochs: int
+    steps: int
+    train_seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed: bool = False
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.out_dir / "best.pt"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.out_dir / "last.pt"
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "best_val_miou": self.best_miou if math.isfinite(self.best_miou) else None,
+            "best_epoch": self.best_epoch,
+            "epochs": self.epochs,
+            "steps": self.steps,
+            "train_seconds": round(self.train_seconds, 1),
+            "history": self.history,
+        }
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def use_bf16(precision: str) -> bool:
+    return precision == "bf16" or (precision == "auto" and bf16_supported())
+
+
+def validate(
+    model: torch.nn.Module, samples: list[Sample], params: Params, bf16: bool
+) -> dict[str, Any]:
+    """Scores over full-size images: per-class IoU/Dice and means."""
+    inf = params.inference
+    acc = ConfusionAccumulator(params.num_classes)
+    for s in samples:
+        pred = predict_labels(
+            model,
+            s.normalized,
+            tile=inf.tile_size,
+            overlap=inf.overlap,
+            batch_size=inf.batch_size,
+            bf16=bf16,
+        )
+        acc.update(pred, s.mask)
+    return acc.scores(params.class_names)
+
+
+def _fingerprint(params: Params, train_items: list, val_items: list, init: str | None) -> str:
+    t = params.train.model_dump(
+        mode="json", exclude={"out_dir", "resume", "epochs", "budget_s", "threads"}
+    )
+    blob = {
+        "model": model_config(params),
+        "train": t,
+        "seed": params.seed,
+        "init": init,
+        "train_data": [(it["id"], it["image_sha256"], it["mask_sha256"]) for it in train_items],
+        "val_data": [(it["id"], it["image_sha256"], it["mask_sha256"]) for it in val_items],
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def train_stage(
+    params: Params,
+    index: dict[str, Any],
+    out_dir: str | Path | None = None,
+    init_weights: str | Path | None = None,
+    budget_s: float | None = None,
+    max_steps: int | None = None,
+    callbacks: list[EpochCallback] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train one stage on ``train.splits`` of ``index``; validate on ``train.val_split``.
+
+    ``budget_s`` / ``max_steps`` override ``train.budget_s`` and epochs x steps_per_epoch.
+    """
+    tp = params.train
+    out = Path(out_dir or tp.out_dir)
+    budget = budget_s if budget_s is not None else tp.budget_s
+    total_steps = max_steps or tp.epochs * tp.steps_per_epoch
+    if tp.threads:
+        torch.set_num_threads(tp.threads)
+    seed_everything(params.seed)
+    codec = MaskCodec.from_params(params)
+    train_items = select_items(index, tp.splits)
+    val_items = select_items(index, [tp.val_split])
+    if not train_items:
+        raise ValueError(f"train.splits {tp.splits}: no labelled images in these splits")
+    init = (
+        str(init_weights)
+        if init_weights
+        else (str(params.model.weights) if params.model.weights else None)
+    )
+    fp = _fingerprint(params, train_items, val_items, init)
+    model = model_from_params(params.model, params.num_classes, weights=init)
+    opt = torch.optim.AdamW(model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
+    loss_fn = SegLoss(tp.loss)
+    bf16 = use_bf16(tp.precision)
+    cfg = model_config(params)
+
+    step, epoch, best, best_epoch, elapsed0, history, resumed = 0, 0, -math.inf, -1, 0.0, [], False
+    last_path = out / "last.pt"
+    if tp.resume and last_path.is_file():
+        state, _ = read_checkpoint(last_path)
+        if state.get("fingerprint") != fp:
+            raise ValueError(
+                f"{last_path}: holds a run with other settings or data; set train.out_dir to a "
+                "new folder (or train.resume: false to start over in this one)"
+            )
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, epoch = int(state["step"]), int(state["epoch"])
+        best, best_epoch = float(state["best_miou"]), int(state["best_epoch"])
+        elapsed0, history, resumed = float(state["elapsed_s"]), list(state["history"]), True
+        log.info("resumed %s at epoch %d, step %d (best mIoU %.4f)", last_path, epoch, step, best)
+        if bool(state.get("finished")) and step >= total_steps:
+            best_miou = best if val_items else math.nan
+            return TrainResult(out, best_miou, best_epoch, epoch, step, elapsed0, history, True)
+
+    train_samples = load_samples(train_items, codec, "load train", progress)
+    val_samples = load_samples(val_items, codec, "load val", progress)
+    sampler = TileSampler(
+        train_samples,
+        tp.tile_size,
+        tp.steps_per_epoch * tp.batch_size,
+        params.num_classes,
+        tp.augment,
+        tp.rare_crop_prob,
+        params.seed,
+    )
+    loader = torch.utils.data.DataLoader(sampler, batch_size=tp.batch_size, num_workers=0)
+    t0 = time.monotonic() - elapsed0
+
+    def elapsed() -> float:
+        return time.monotonic() - t0
+
+    def out_of_budget() -> bool:
+        return step >= total_steps or (budget is not None and elapsed() >= budget)
+
+    while not out_of_budget():
+        sampler.set_epoch(epoch)
+        model.train()
+        losses = []
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}", disable=not progress, leave=False)
+        for x, y in bar:
+            prog = (
+                step / total_steps
+                if budget is None
+                else max(step / total_steps, elapsed() / budget)
+            )
+            lr = tp.lr * lr_factor(prog, step, tp.warmup_steps, tp.min_lr_ratio)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with autocast_ctx(bf16):
+                logits = model(x)
+            loss = loss_fn(logits, y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss became {loss.item()} at step {step}; lower train.lr ({tp.lr})"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2e}")
+            if out_of_budget():
+                break
+        epoch += 1
+        rec: dict[str, Any] = {
+            "epoch": epoch,
+            "step": step,
+            "train_loss": float(np.mean(losses)) if losses else math.nan,
+            "lr": lr,
+            "elapsed_s": round(elapsed(), 1),
+        }
+        if val_samples:
+            scores = validate(model, val_samples, params, bf16)
+            rec.update(val_miou=scores["miou"], val_iou=scores["iou"], val_mdice=scores["mdice"])
+            score = scores["miou"]
+        else:
+            # no validation images: keep the lowest-loss weights, report no val score
+            score = -rec["train_loss"]
+        if score > best:
+            best, best_epoch = score, epoch
+            save_checkpoint(
+                out / "best.pt",
+                model,
+                {**cfg, "epoch": epoch, "step": step, "val_miou": rec.get("val_miou")},
+            )
+        history.append(rec)
+        finished = out_of_budget()
+        save_checkpoint(
+            last_path,
+            model,
+            {**cfg, "epoch": epoch, "step": step},
+            {
+                "optimizer": opt.state_dict(),
+                "step": step,
+                "epoch": epoch,
+                "best_miou": best,
+                "best_epoch": best_epoch,
+                "elapsed_s": elapsed(),
+                "history": history,
+                "fingerprint": fp,
+                "finished": finished,
+            },
+        )
+        if progress:
+            val = f"val mIoU {rec['val_miou']:.4f}" if "val_miou" in rec else "no val images"
+            tqdm.write(
+                f"epoch {epoch}: step {step}, loss {rec['train_loss']:.4f}, {val}, "
+                f"{rec['elapsed_s']:.0f}s"
+            )
+        for cb in callbacks or []:
+            cb(rec)
+    best_miou = best if val_samples else math.nan
+    result = TrainResult(out, best_miou, best_epoch, epoch, step, elapsed(), history, resumed)
+    atomic_write_json(out / "train_metrics.json", result.summary())
+    return result

@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny params and tiny demo data under a temporary folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from srpu_pipelines.config import Params, parse_params
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+torch.set_num_threads(2)
+
+ROOT = Path(__file__).resolve().parents[1]
+NASA = (ROOT / ".." / "shared" / "data" / "nasa-super").resolve()
+COLORS = [(255, 0, 0), (0, 0, 255), (0, 255, 0)]
+
+
+def tiny_params_dict(tmp: Path, **overrides: Any) -> dict[str, Any]:
+    """A params mapping for 64 px demo data and a tiny model, rooted at ``tmp``."""
+    d: dict[str, Any] = {
+        "seed": 0,
+        "classes": [
+            {"name": "active_material", "color": list(COLORS[0])},
+            {"name": "solid_electrolyte", "color": list(COLORS[1])},
+            {"name": "carbon", "color": list(COLORS[2])},
+        ],
+        "mask": {"encoding": "color", "ignore_color": [255, 255, 255]},
+        "data": {
+            "datasets": [
+                {
+                    "name": "a",
+                    "labeled": str(tmp / "demo/labeled/a"),
+                    "raw": str(tmp / "demo/raw/a"),
+                },
+                {
+                    "name": "b",
+                    "labeled": str(tmp / "demo/labeled/b"),
+                    "raw": str(tmp / "demo/raw/b"),
+                },
+            ],
+            "index_path": str(tmp / "out/index.json"),
+            "split": {"val": 0.25, "test": 0.25},
+        },
+        "model": {
+            "arch": "unet",
+            "encoder": "resnet18",
+            "encoder_depth": 3,
+            "decoder_channels": [32, 16, 8],
+        },
+        "train": {
+            "out_dir": str(tmp / "out/train"),
+            "epochs": 2,
+            "steps_per_epoch": 2,
+            "batch_size": 2,
+            "tile_size": 64,
+            "warmup_steps": 1,
+            "threads": 2,
+        },
+        "inference": {"tile_size": 64, "batch_size": 4},
+        "evaluate": {"out_dir": str(tmp / "out/eval"), "overlays": 1},
+        "predict": {"input_dir": str(tmp / "demo/predict"), "out_dir": str(tmp / "out/pred")},
+        "demo": {
+            "out_dir": str(tmp / "demo"),
+            "datasets": ["a", "b"],
+            "labeled_per_dataset": 4,
+            "pool_per_dataset": 2,
+            "predict_images": 1,
+            "size": 64,
+            "info_bar": 8,
+        },
+    }
+    for key, val in overrides.items():
+        node = d
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = val
+    return d
+
+
+@pytest.fixture
+def tiny_params(tmp_path: Path) -> Params:
+    return parse_params(tiny_params_dict(tmp_path))
+
+
+@pytest.fixture
+def demo_params(tmp_path: Path) -> Params:
+    """Tiny params with the demo data already generated."""
+    from srpu_pipelines.data.demo import generate_demo
+
+    p = parse_params(tiny_params_dict(tmp_path))
+    generate_demo(p)
+    return p
+
+
+def save(path: Path, arr: np.ndarray, **kw: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, **kw)
+    return path
+
+
+def color_mask(index: np.ndarray) -> np.ndarray:
+    lut = np.array(COLORS + [(0, 0, 0)] * 252 + [(255, 255, 255)], np.uint8)
+    return lut[index]

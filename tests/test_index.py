@@ -1,0 +1,214 @@
+"""Discovery, validation and splitting of labelled pairs and pool images."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from srpu_pipelines.config import parse_params
+from srpu_pipelines.data.index import BadInputError, build_index, load_index, write_index
+from tests.conftest import color_mask, save, tiny_params_dict
+
+rng = np.random.default_rng(0)
+
+
+def make_pair(
+    folder: Path,
+    name: str,
+    size=(32, 32),
+    classes=(0, 1, 2),
+    ext=".png",
+    mask_dir: Path | None = None,
+    mask_name: str | None = None,
+) -> None:
+    img = rng.integers(0, 255, size, np.uint8)
+    idx = rng.choice(np.array(classes, np.uint8), size)
+    save(folder / f"{name}{ext}", img)
+    save((mask_dir or folder) / (mask_name or f"{name}_mask.png"), color_mask(idx))
+
+
+def params_for(tmp_path: Path, **over):
+    d = tiny_params_dict(tmp_path, **over)
+    d["data"]["datasets"] = [
+        {"name": "a", "labeled": str(tmp_path / "lab"), "raw": str(tmp_path / "raw")}
+    ]
+    (tmp_path / "lab").mkdir(exist_ok=True)
+    (tmp_path / "raw").mkdir(exist_ok=True)
+    return parse_params(d)
+
+
+def test_demo_index_counts_and_fields(demo_params):
+    idx = build_index(demo_params, show_progress=False)
+    assert idx["counts"]["labeled"] == 8 and idx["counts"]["pool"] == 4
+    it = idx["items"][0]
+    assert set(it) >= {
+        "id",
+        "image",
+        "mask",
+        "image_sha256",
+        "mask_sha256",
+        "height",
+        "width",
+        "class_fractions",
+        "split",
+        "dataset",
+    }
+    assert len(it["image_sha256"]) == 64 and sum(it["class_fractions"]) == pytest.approx(
+        1, abs=1e-4
+    )
+    assert {i["dataset"] for i in idx["items"]} == {"a", "b"}
+    # stratified by sub-dataset: each sub-dataset of 4 gets 2 train, 1 val, 1 test
+    for ds in ("a", "b"):
+        splits = sorted(i["split"] for i in idx["items"] if i["dataset"] == ds)
+        assert splits == ["test", "train", "train", "val"]
+
+
+def test_write_is_idempotent(demo_params):
+    idx = build_index(demo_params, show_progress=False)
+    path = demo_params.data.index_path
+    assert write_index(idx, path) is True
+    mtime = Path(path).stat().st_mtime_ns
+    assert write_index(build_index(demo_params, show_progress=False), path) is False
+    assert Path(path).stat().st_mtime_ns == mtime
+    assert load_index(path) == idx
+
+
+def test_adding_images_never_moves_old_ones(tmp_path):
+    p = params_for(tmp_path)
+    for i in range(10):
+        make_pair(tmp_path / "lab", f"img{i:02d}")
+    first = build_index(p, show_progress=False)
+    write_index(first, p.data.index_path)
+    for i in range(10, 25):
+        make_pair(tmp_path / "lab", f"img{i:02d}")
+    second = build_index(p, show_progress=False)
+    old = {i["id"]: i["split"] for i in first["items"]}
+    new = {i["id"]: i["split"] for i in second["items"]}
+    assert all(new[k] == v for k, v in old.items())
+    counts = {s: sum(1 for v in new.values() if v == s) for s in ("train", "val", "test")}
+    assert counts["val"] >= 4 and counts["test"] >= 4  # new images fill the short splits
+
+
+def test_split_is_fixed_by_seed(tmp_path):
+    p = params_for(tmp_path)
+    for i in range(12):
+        make_pair(tmp_path / "lab", f"img{i:02d}")
+    a = build_index(p, show_progress=False)
+    assert a == build_index(p, show_progress=False)
+    p2 = params_for(tmp_path, seed=5)
+    b = build_index(p2, show_progress=False)
+    assert [i["split"] for i in a["items"]] != [i["split"] for i in b["items"]]
+
+
+def test_rare_class_is_stratified(tmp_path):
+    p = params_for(tmp_path)
+    for i in range(8):  # only 8 of 20 images hold the rare class 2 ...
+        make_pair(tmp_path / "lab", f"rare{i}", classes=(0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2))
+    for i in range(12):
+        make_pair(tmp_path / "lab", f"common{i}", classes=(0, 1))
+    idx = build_index(p, show_progress=False)
+    for split in ("train", "val", "test"):  # ... yet every split holds some
+        assert any(i["split"] == split and i["class_fractions"][2] > 0 for i in idx["items"])
+
+
+def test_split_file_is_honoured(tmp_path):
+    for i in range(6):
+        make_pair(tmp_path / "lab", f"s{i}")
+    sf = tmp_path / "split.json"
+    sf.write_text(
+        json.dumps({"train": ["s0", "s1"], "val": ["s2"], "test": ["s3"], "extra": ["s4"]})
+    )
+    p = params_for(tmp_path, **{"data.split": {"split_file": str(sf)}})
+    got = {i["name"]: i["split"] for i in build_index(p, show_progress=False)["items"]}
+    assert (
+        got["s0"] == "train" and got["s2"] == "val" and got["s3"] == "test" and got["s4"] == "extra"
+    )
+    assert got["s5"] in ("train", "val", "test")
+
+
+def test_two_folder_layout_and_odd_names(tmp_path):
+    d = tiny_params_dict(tmp_path)
+    d["data"]["datasets"] = [
+        {"name": "x", "labeled": str(tmp_path / "img"), "masks": str(tmp_path / "msk")}
+    ]
+    for name in ("plain", "with space", "Kathode_ü_µm", "ｆｕｌｌｗｉｄｔｈ"):
+        make_pair(
+            tmp_path / "img", name, mask_dir=tmp_path / "msk", mask_name=f"{name}.png", ext=".tif"
+        )
+    idx = build_index(parse_params(d), show_progress=False)
+    assert sorted(i["name"] for i in idx["items"]) == sorted(
+        ["plain", "with space", "Kathode_ü_µm", "ｆｕｌｌｗｉｄｔｈ"]
+    )
+
+
+def _bad_folder(tmp_path: Path) -> None:
+    lab = tmp_path / "lab"
+    make_pair(lab, "good")
+    make_pair(lab, "good2")
+    save(lab / "orphan_image.png", np.zeros((32, 32), np.uint8))
+    save(lab / "lonely_mask.png", color_mask(np.zeros((32, 32), np.uint8)))
+    make_pair(lab, "wrongsize")
+    save(lab / "wrongsize_mask.png", color_mask(np.zeros((16, 32), np.uint8)))
+    make_pair(lab, "badcolour")
+    bad = color_mask(np.zeros((32, 32), np.uint8))
+    bad[3, 3] = (1, 2, 3)
+    save(lab / "badcolour_mask.png", bad)
+    make_pair(lab, "truncated")
+    t = lab / "truncated.png"
+    t.write_bytes(t.read_bytes()[:60])
+    (lab / "notes.txt").write_text("not an image")
+    (tmp_path / "raw" / "broken pool.png").write_bytes(b"garbage")
+    save(tmp_path / "raw" / "fine pool.png", np.zeros((40, 30), np.uint8))
+
+
+EXPECTED = {
+    "orphan_image.png": "image without a mask",
+    "lonely_mask.png": "mask without an image",
+    "wrongsize_mask.png": "differs from image",
+    "badcolour_mask.png": "match no class",
+    "truncated.png": "truncated",
+    "notes.txt": "not an image file",
+    "broken pool.png": "not a readable image",
+}
+
+
+def test_bad_input_error_lists_every_file(tmp_path):
+    p = params_for(tmp_path)
+    _bad_folder(tmp_path)
+    with pytest.raises(BadInputError) as ei:
+        build_index(p, show_progress=False)
+    msg = str(ei.value)
+    for name, reason in EXPECTED.items():
+        line = next((ln for ln in msg.splitlines() if name in ln), None)
+        assert line is not None and reason in line, (name, msg)
+
+
+def test_bad_input_skip_lists_and_keeps_good(tmp_path):
+    p = params_for(tmp_path, **{"data.on_bad_input": "skip"})
+    _bad_folder(tmp_path)
+    idx = build_index(p, show_progress=False)
+    assert sorted(i["name"] for i in idx["items"]) == ["good", "good2"]
+    assert [i["name"] for i in idx["pool"]] == ["fine pool"]
+    skipped = {Path(s["path"]).name: s["reason"] for s in idx["skipped"]}
+    for name, reason in EXPECTED.items():
+        assert reason in skipped[name], (name, skipped)
+    # nothing was deleted or rewritten
+    assert (tmp_path / "lab" / "badcolour_mask.png").exists()
+
+
+def test_missing_folder_names_the_key(tmp_path):
+    d = tiny_params_dict(tmp_path)
+    d["data"]["datasets"] = [{"name": "x", "labeled": str(tmp_path / "nowhere")}]
+    with pytest.raises(FileNotFoundError, match=r"data\.datasets\[x\]\.labeled: folder .*nowhere"):
+        build_index(parse_params(d), show_progress=False)
+
+
+def test_labelled_pool_image_leaves_the_pool(tmp_path):
+    p = params_for(tmp_path)
+    make_pair(tmp_path / "lab", "one")
+    shutil.copy(tmp_path / "lab" / "one.png", tmp_path / "raw" / "one.png")
+    save(tmp_path / "raw" / "two.png", np.zeros((32, 32), np.uint8))
+    idx = build_index(p, show_progress=False)
+    assert [i["name"] for i in idx["pool"]] == ["two"]

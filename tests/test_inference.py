@@ -1,0 +1,87 @@
+"""Sliding-window inference, metrics, evaluation and folder prediction."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from srpu_pipelines.analysis.evaluate import evaluate_checkpoint, predict_folder
+from srpu_pipelines.analysis.inference import predict_probs
+from srpu_pipelines.analysis.metrics import ConfusionAccumulator, scores_from_confusion
+from srpu_pipelines.data.index import build_index
+from srpu_pipelines.training.trainer import train_stage
+
+
+class Threshold(torch.nn.Module):
+    """Class 1 where the input is positive: a model with a known answer."""
+
+    def forward(self, x):
+        return torch.cat([-x, x], 1) * 10
+
+
+@pytest.mark.parametrize("shape", [(40, 50), (64, 64), (150, 97)])
+def test_sliding_window_reproduces_the_pointwise_answer(shape):
+    img = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    probs = predict_probs(Threshold(), img, tile=32, overlap=0.5, batch_size=3)
+    assert probs.shape == (2, *shape)
+    assert np.allclose(probs.sum(0), 1, atol=1e-5)
+    assert np.array_equal(probs.argmax(0), (img > 0).astype(np.int64))
+
+
+def test_scores_from_a_known_confusion_matrix():
+    cm = np.array([[8, 2, 0], [1, 9, 0], [0, 0, 0]])
+    s = scores_from_confusion(cm, ["a", "b", "c"])
+    assert s["iou"]["a"] == pytest.approx(8 / 11) and s["iou"]["b"] == pytest.approx(9 / 12)
+    assert s["dice"]["a"] == pytest.approx(16 / 19)
+    assert np.isnan(s["iou"]["c"]) and s["miou"] == pytest.approx((8 / 11 + 9 / 12) / 2)
+    acc = ConfusionAccumulator(2)
+    acc.update(np.array([[0, 1], [1, 1]]), np.array([[0, 1], [255, 0]]))
+    assert acc.matrix.tolist() == [[1, 1], [0, 1]]  # the 255 pixel is not counted
+
+
+@pytest.fixture
+def trained(demo_params):
+    index = build_index(demo_params, show_progress=False)
+    res = train_stage(demo_params, index, progress=False)
+    return demo_params, index, res.best_checkpoint
+
+
+def test_evaluate_writes_metrics_and_overlays(trained):
+    params, index, ckpt = trained
+    m = evaluate_checkpoint(params, index, ckpt, progress=False)
+    assert set(m["iou"]) == set(params.class_names) and set(m["per_dataset"]) == {"a", "b"}
+    assert m["images"] == 2 and len(m["per_image"]) == 2
+    assert (params.evaluate.out_dir / "metrics.json").is_file()
+    ov = list((params.evaluate.out_dir / "overlays").glob("*.png"))
+    assert len(ov) == 1 and Image.open(ov[0]).size == (64 * 3 + 12, 64)
+
+
+def test_predict_folder_full_size_and_skips(trained):
+    params, _, ckpt = trained
+    src = params.predict.input_dir
+    (src / "readme.txt").write_text("not an image")
+    (src / "broken.png").write_bytes(b"\x89PNG garbage")
+    res = predict_folder(params, ckpt, progress=False)
+    assert len(res["predicted"]) == 1 and len(res["skipped"]) == 2
+    stem = "new sample 0"
+    img = Image.open(src / f"{stem}.png")
+    colour = Image.open(params.predict.out_dir / f"{stem}_pred.png")
+    index = np.array(Image.open(params.predict.out_dir / f"{stem}_pred_index.png"))
+    assert colour.size == img.size and index.shape == img.size[::-1]
+    assert set(np.unique(index)) <= {0, 1, 2}
+    lut = np.array([c.color for c in params.classes], np.uint8)
+    assert np.array_equal(np.array(colour.convert("RGB")), lut[index])
+
+
+def test_predict_refuses_to_write_into_its_input(trained):
+    params, _, ckpt = trained
+    with pytest.raises(ValueError, match="must differ"):
+        predict_folder(params, ckpt, out_dir=params.predict.input_dir, progress=False)
+
+
+def test_evaluate_refuses_other_classes(trained):
+    params, index, ckpt = trained
+    p = params.model_copy(deep=True)
+    p.classes[0].name = "pores"
+    with pytest.raises(ValueError, match="trained for classes"):
+        evaluate_checkpoint(p, index, ckpt, progress=False)

@@ -1,0 +1,85 @@
+"""Decoding masks: colour (with a default class), index, grey levels, ignore colour."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from srpu_pipelines.config import IGNORE_INDEX
+from srpu_pipelines.data.masks import MaskCodec, MaskDecodeError, class_fractions
+from tests.conftest import COLORS, color_mask, save
+
+IDX = np.array([[0, 1, 2, 1], [2, 2, 0, 0]], np.uint8)
+
+
+def codec(**kw):
+    base = dict(encoding="color", colors=tuple(COLORS))
+    base.update(kw)
+    return MaskCodec(**base)
+
+
+def test_colour_round_trip(tmp_path):
+    c = codec()
+    assert np.array_equal(c.decode_file(save(tmp_path / "m.png", c.to_color(IDX))), IDX)
+
+
+def test_painted_mask_with_default_class(tmp_path):
+    """nasa-super style: the micrograph with phases painted over it in pure colours."""
+    rgb = np.full((2, 4, 3), 0, np.uint8)
+    rgb[..., :] = np.array([[[90], [91], [92], [93]], [[94], [95], [96], [97]]], np.uint8)  # grey
+    rgb[0, 1] = (0, 0, 255)
+    rgb[1, 2] = (255, 0, 0)
+    rgba = np.dstack([rgb, np.full((2, 4), 255, np.uint8)])
+    c = MaskCodec("color", ((0, 0, 0), (0, 0, 255), (255, 0, 0)), default_class=0)
+    out = c.decode_file(save(tmp_path / "paint_mask.tif", rgba))
+    assert out.tolist() == [[0, 1, 0, 0], [0, 0, 2, 0]]
+
+
+def test_unknown_colours_without_default_name_the_file(tmp_path):
+    rgb = color_mask(IDX)
+    rgb[0, 0] = (12, 34, 56)
+    with pytest.raises(
+        MaskDecodeError, match=r"bad_mask\.png: 1 pixels .* match no class .*\(12, 34, 56\)"
+    ):
+        codec().decode_file(save(tmp_path / "bad_mask.png", rgb))
+
+
+def test_ignore_colour(tmp_path):
+    rgb = color_mask(IDX)
+    rgb[1, 3] = (255, 255, 255)
+    out = codec(ignore_color=(255, 255, 255)).decode_file(save(tmp_path / "m.png", rgb))
+    assert out[1, 3] == IGNORE_INDEX and out[0, 0] == 0
+    assert class_fractions(out, 3) == pytest.approx([2 / 7, 2 / 7, 3 / 7])
+
+
+def test_index_mask_and_palette_index(tmp_path):
+    c = codec(encoding="index")
+    assert np.array_equal(c.decode_file(save(tmp_path / "i.png", IDX)), IDX)
+    im = Image.fromarray(IDX, mode="L").convert("P")
+    im.putpalette([10, 10, 10, 200, 0, 0, 0, 0, 200] + [0] * (256 * 3 - 9))
+    im.save(tmp_path / "p.png")
+    assert np.array_equal(c.decode_file(tmp_path / "p.png"), IDX)
+    with pytest.raises(MaskDecodeError, match=r"values \[7\]"):
+        c.decode_file(save(tmp_path / "bad.png", np.where(IDX == 2, 7, IDX).astype(np.uint8)))
+    with pytest.raises(MaskDecodeError, match="encoding: color"):
+        c.decode_file(save(tmp_path / "col.png", color_mask(IDX)))
+
+
+def test_grey_level_map(tmp_path):
+    c = MaskCodec("grey", ((0, 0, 0), (255, 255, 255)), grey_levels=(0, 255))
+    m = np.array([[0, 255], [255, 0]], np.uint8)
+    assert c.decode_file(save(tmp_path / "g.png", m)).tolist() == [[0, 1], [1, 0]]
+    with pytest.raises(MaskDecodeError, match="match no class"):
+        c.decode_file(save(tmp_path / "g2.png", np.array([[0, 128]], np.uint8)))
+
+
+def test_16bit_painted_mask(tmp_path):
+    """Some real masks are 16-bit RGBA TIFFs: pure colours are 0 / 65535 there."""
+    import tifffile
+
+    rgba = np.full((2, 3, 4), 65535, np.uint16)
+    rgba[..., :3] = 13908  # grey micrograph pixel, not a multiple of 257
+    rgba[0, 0, :3] = (0, 0, 65535)
+    rgba[1, 2, :3] = (65535, 0, 0)
+    tifffile.imwrite(tmp_path / "m16.tif", rgba, photometric="rgb", extrasamples=[2])
+    c = MaskCodec("color", ((0, 0, 0), (0, 0, 255), (255, 0, 0)), default_class=0)
+    assert c.decode_file(tmp_path / "m16.tif").tolist() == [[1, 0, 0], [0, 0, 2]]

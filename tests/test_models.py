@@ -1,0 +1,91 @@
+"""Model factory: every registered architecture builds, runs and reports bad names."""
+
+import pytest
+import torch
+
+from srpu_pipelines.models.checkpoint import load_model, save_checkpoint
+from srpu_pipelines.models.factory import (
+    ARCHITECTURES,
+    UnknownNameError,
+    create_model,
+    load_weights,
+)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_architecture_gives_finite_full_size_logits(arch):
+    torch.manual_seed(0)
+    m = create_model(arch, "resnet18", num_classes=3, in_channels=1).eval()
+    with torch.no_grad():
+        out = m(torch.randn(2, 1, 64, 64))
+    assert out.shape == (2, 3, 64, 64) and torch.isfinite(out).all()
+
+
+def test_timm_encoder_and_grey_input():
+    m = create_model(
+        "unet", "tu-resnet10t", 4, in_channels=1, encoder_depth=4, decoder_channels=[32, 16, 8, 8]
+    ).eval()
+    with torch.no_grad():
+        assert m(torch.randn(1, 1, 64, 96)).shape == (1, 4, 64, 96)
+
+
+def test_unknown_names_list_valid_ones():
+    with pytest.raises(
+        UnknownNameError, match=r"model\.arch: unknown architecture 'segformer'; valid: .*unet"
+    ):
+        create_model("segformer", "resnet18", 3)
+    with pytest.raises(
+        UnknownNameError, match=r"model\.encoder: unknown encoder 'resnet19'.*resnet18.*tu-"
+    ):
+        create_model("unet", "resnet19", 3)
+    with pytest.raises(ValueError, match=r"model\.encoder_depth"):
+        create_model("fpn", "resnet18", 3, encoder_depth=4)
+
+
+def test_local_weights_whole_model_and_encoder_only(tmp_path):
+    a = create_model("unet", "resnet18", 3, encoder_depth=3, decoder_channels=[16, 8, 8])
+    torch.save({"model": a.state_dict()}, tmp_path / "full.pt")
+    torch.save(a.encoder.state_dict(), tmp_path / "enc.pt")
+    b = create_model(
+        "unet",
+        "resnet18",
+        3,
+        encoder_depth=3,
+        decoder_channels=[16, 8, 8],
+        weights=tmp_path / "full.pt",
+    )
+    assert all(torch.equal(b.state_dict()[k], v) for k, v in a.state_dict().items())
+    c = create_model("unet", "resnet18", 3, encoder_depth=3, decoder_channels=[16, 8, 8])
+    info = load_weights(c, tmp_path / "enc.pt")
+    assert info["loaded"] == len(a.encoder.state_dict())
+    assert torch.equal(c.encoder.conv1.weight, a.encoder.conv1.weight)
+    with pytest.raises(ValueError, match=r"no tensor in .*enc\.pt matches"):
+        load_weights(create_model("unet", "efficientnet-b0", 3), tmp_path / "enc.pt")
+    with pytest.raises(ValueError, match="shape mismatch"):
+        load_weights(
+            create_model(
+                "unet", "resnet18", 3, in_channels=3, encoder_depth=3, decoder_channels=[16, 8, 8]
+            ),
+            tmp_path / "full.pt",
+        )
+    (tmp_path / "junk.pt").write_bytes(b"nope")
+    with pytest.raises(ValueError, match=r"junk\.pt is not a loadable state_dict"):
+        load_weights(c, tmp_path / "junk.pt")
+
+
+def test_checkpoint_round_trip(tmp_path):
+    cfg = {
+        "arch": "unet",
+        "encoder": "resnet18",
+        "in_channels": 1,
+        "encoder_depth": 3,
+        "decoder_channels": [16, 8, 8],
+        "num_classes": 3,
+    }
+    m = create_model("unet", "resnet18", 3, encoder_depth=3, decoder_channels=[16, 8, 8]).eval()
+    save_checkpoint(tmp_path / "best.pt", m, cfg)
+    back, cfg2 = load_model(tmp_path / "best.pt")
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(m(x), back(x))
+    assert cfg2 == cfg and not list(tmp_path.glob(".*"))  # no temporary files left behind

@@ -1,0 +1,86 @@
+"""One training stage on tiny demo data: checkpoints, resume, validation, losses."""
+
+import json
+
+import pytest
+import torch
+
+from srpu_pipelines.data.index import build_index
+from srpu_pipelines.models.checkpoint import load_model, read_checkpoint
+from srpu_pipelines.training.losses import SegLoss, lr_factor
+from srpu_pipelines.training.trainer import train_stage
+
+
+@pytest.fixture
+def index(demo_params):
+    return build_index(demo_params, show_progress=False)
+
+
+def test_train_writes_best_last_and_metrics(demo_params, index):
+    res = train_stage(demo_params, index, progress=False)
+    out = demo_params.train.out_dir
+    assert res.steps == 4 and res.epochs == 2 and len(res.history) == 2
+    for name in ("best.pt", "best.json", "last.pt", "last.json", "train_metrics.json"):
+        assert (out / name).is_file(), name
+    assert 0.0 <= res.best_miou <= 1.0
+    assert all(0 <= v <= 1 for v in res.history[-1]["val_iou"].values())
+    model, cfg = load_model(out / "best.pt")
+    assert (
+        cfg["class_names"] == demo_params.class_names and cfg["normalization"] == "per_image_zscore"
+    )
+    assert json.loads((out / "train_metrics.json").read_text())["steps"] == 4
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 1, 64, 64))).all()
+
+
+def test_interrupted_run_resumes_and_keeps_best(demo_params, index):
+    first = train_stage(demo_params, index, progress=False)  # 2 epochs: "interrupted" here
+    state, _ = read_checkpoint(demo_params.train.out_dir / "last.pt")
+    assert state["epoch"] == 2 and state["best_miou"] == pytest.approx(first.best_miou)
+    longer = demo_params.model_copy(deep=True)
+    longer.train.epochs = 3
+    res = train_stage(longer, index, progress=False)
+    assert res.resumed and res.steps == 6 and res.epochs == 3
+    assert [h["epoch"] for h in res.history] == [1, 2, 3]
+    assert res.best_miou >= first.best_miou
+    again = train_stage(longer, index, progress=False)  # finished: nothing more to do
+    assert again.steps == 6 and again.history == res.history
+
+
+def test_resume_refuses_other_settings(demo_params, index):
+    train_stage(demo_params, index, progress=False)
+    other = demo_params.model_copy(deep=True)
+    other.train.lr = 0.5
+    with pytest.raises(ValueError, match=r"last\.pt: holds a run with other settings"):
+        train_stage(other, index, progress=False)
+
+
+def test_budget_in_seconds_stops_training(demo_params, index):
+    res = train_stage(demo_params, index, budget_s=0.01, max_steps=10**6, progress=False)
+    assert 1 <= res.steps < 10
+
+
+def test_no_training_images_is_a_clear_error(demo_params, index):
+    p = demo_params.model_copy(deep=True)
+    p.train.splits = ["nothing"]
+    with pytest.raises(ValueError, match=r"train\.splits \['nothing'\]: no labelled images"):
+        train_stage(p, index, progress=False)
+
+
+def test_loss_ignores_255_and_weights_classes():
+    from srpu_pipelines.config import LossParams
+
+    logits = torch.zeros(1, 3, 4, 4, requires_grad=True)
+    y = torch.full((1, 4, 4), 255)
+    y[0, 0, 0] = 1
+    loss = SegLoss(LossParams(dice_weight=0))(logits, y)
+    assert loss.item() == pytest.approx(torch.log(torch.tensor(3.0)).item(), rel=1e-5)
+    loss.backward()
+    assert logits.grad[0, :, 1:, 1:].abs().sum() == 0  # ignored pixels give no gradient
+
+
+def test_lr_schedule_warms_up_then_decays():
+    assert lr_factor(0.0, 0, 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(0.0, 10, 10, 0.1) == pytest.approx(1.0)
+    assert lr_factor(0.5, 50, 10, 0.1) == pytest.approx(0.55)
+    assert lr_factor(1.0, 99, 10, 0.1) == pytest.approx(0.1)
