@@ -9,11 +9,27 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def _publish(tmp: str, path: Path) -> None:
+    # mkstemp creates 0600 files; give the result the permissions a normal write would
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -27,7 +43,7 @@ def atomic_open(path: str | Path, suffix: str = "") -> Iterator[BinaryIO]:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -39,9 +55,23 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         fh.write(data)
 
 
+def json_safe(obj: Any) -> Any:
+    """NaN and infinities become None (strict JSON has no NaN); containers are walked."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically with sorted keys, so equal content gives equal bytes."""
-    text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    """Write strict JSON atomically with sorted keys, so equal content gives equal bytes."""
+    text = (
+        json.dumps(json_safe(obj), indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
+        + "\n"
+    )
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
@@ -56,7 +86,9 @@ def atomic_write_with(path: str | Path, writer: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         writer(tmp)
-        os.replace(tmp, path)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        _publish(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -91,3 +91,12 @@ def test_garbage_and_non_images(tmp_path):
 def test_unicode_and_space_names(tmp_path):
     p = save(tmp_path / "Kathode Probe µ-3 ü.png", GRAD8)
     assert read_grey(p).shape == (64, 64)
+
+
+def test_miniswhite_tiff_is_not_inverted(tmp_path):
+    p = tmp_path / "mw.tif"
+    tifffile.imwrite(p, GRAD8, photometric="miniswhite")
+    assert np.allclose(read_grey(p), (255 - GRAD8) / 255.0, atol=1e-6)  # as PIL shows it
+    from PIL import Image as _I
+
+    assert np.array_equal(np.array(_I.open(p)), 255 - GRAD8)

@@ -212,3 +212,58 @@ def test_labelled_pool_image_leaves_the_pool(tmp_path):
     save(tmp_path / "raw" / "two.png", np.zeros((32, 32), np.uint8))
     idx = build_index(p, show_progress=False)
     assert [i["name"] for i in idx["pool"]] == ["two"]
+
+
+def test_an_image_skipped_for_a_while_comes_back_to_its_split(tmp_path):
+    p = params_for(tmp_path, **{"data.on_bad_input": "skip"})
+    for i in range(10):
+        make_pair(tmp_path / "lab", f"img{i}")
+    first = build_index(p, show_progress=False)
+    write_index(first, p.data.index_path)
+    test_item = next(i for i in first["items"] if i["split"] == "test")
+    mask = Path(test_item["mask"])
+    good = mask.read_bytes()
+    mask.write_bytes(b"being edited")  # skipped now ...
+    for i in range(10, 14):
+        make_pair(tmp_path / "lab", f"img{i}")
+    second = build_index(p, show_progress=False)
+    write_index(second, p.data.index_path)
+    assert test_item["id"] in second["split_memory"]
+    mask.write_bytes(good)  # ... and back, into the split it had
+    third = build_index(p, show_progress=False)
+    assert next(i for i in third["items"] if i["id"] == test_item["id"])["split"] == "test"
+
+
+def test_single_image_strata_still_fill_val_and_test(tmp_path):
+    p = params_for(tmp_path)
+    combos = [(0, 1), (0, 2), (1, 2), (0,), (1,)]  # every image its own stratum
+    for i, c in enumerate(combos):
+        make_pair(tmp_path / "lab", f"s{i}", classes=c)
+    d = tiny_params_dict(tmp_path, **{"data.split": {"rare_fraction": 0.5}})
+    d["data"]["datasets"] = [{"name": "a", "labeled": str(tmp_path / "lab")}]
+    splits = [i["split"] for i in build_index(parse_params(d), show_progress=False)["items"]]
+    assert "val" in splits and "test" in splits, splits
+    del p
+
+
+def test_split_file_names_with_extensions_and_unmatched(tmp_path):
+    for i in range(3):
+        make_pair(tmp_path / "lab", f"s{i}")
+    sf = tmp_path / "split.json"
+    sf.write_text(json.dumps({"test": ["s0.tif"], "val": ["s1", "ghost"]}))
+    p = params_for(tmp_path, **{"data.split": {"split_file": str(sf)}})
+    idx = build_index(p, show_progress=False)
+    got = {i["name"]: i["split"] for i in idx["items"]}
+    assert got["s0"] == "test" and got["s1"] == "val"
+    assert idx["split_file_unmatched"] == ["ghost"]
+
+
+def test_two_masks_for_one_image_in_a_mask_folder(tmp_path):
+    d = tiny_params_dict(tmp_path)
+    d["data"]["datasets"] = [
+        {"name": "x", "labeled": str(tmp_path / "img"), "masks": str(tmp_path / "msk")}
+    ]
+    make_pair(tmp_path / "img", "one", mask_dir=tmp_path / "msk", mask_name="one.png")
+    save(tmp_path / "msk" / "one_mask.png", color_mask(np.zeros((32, 32), np.uint8)))
+    with pytest.raises(BadInputError, match="two masks for 'one'"):
+        build_index(parse_params(d), show_progress=False)

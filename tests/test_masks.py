@@ -83,3 +83,14 @@ def test_16bit_painted_mask(tmp_path):
     tifffile.imwrite(tmp_path / "m16.tif", rgba, photometric="rgb", extrasamples=[2])
     c = MaskCodec("color", ((0, 0, 0), (0, 0, 255), (255, 0, 0)), default_class=0)
     assert c.decode_file(tmp_path / "m16.tif").tolist() == [[1, 0, 0], [0, 0, 2]]
+
+
+def test_bilevel_masks_as_index_and_grey(tmp_path):
+    m = np.array([[0, 1], [1, 0]], bool)
+    Image.fromarray(m).save(tmp_path / "b.png")
+    Image.fromarray(m).save(tmp_path / "b.tif")  # tifffile reads it (1-bit, min-is-black)
+    for name in ("b.png", "b.tif"):
+        idx = MaskCodec("index", ((0, 0, 0), (255, 255, 255))).decode_file(tmp_path / name)
+        assert idx.tolist() == [[0, 1], [1, 0]], name
+        grey = MaskCodec("grey", ((0, 0, 0), (255, 255, 255)), grey_levels=(0, 255))
+        assert grey.decode_file(tmp_path / name).tolist() == [[0, 1], [1, 0]], name

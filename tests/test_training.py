@@ -84,3 +84,10 @@ def test_lr_schedule_warms_up_then_decays():
     assert lr_factor(0.0, 10, 10, 0.1) == pytest.approx(1.0)
     assert lr_factor(0.5, 50, 10, 0.1) == pytest.approx(0.55)
     assert lr_factor(1.0, 99, 10, 0.1) == pytest.approx(0.1)
+
+
+def test_more_input_channels_repeat_the_grey_image(demo_params, index):
+    p = demo_params.model_copy(deep=True)
+    p.model.in_channels = 3
+    res = train_stage(p, index, progress=False)
+    assert res.steps == 4 and 0 <= res.best_miou <= 1

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
-from srpu_pipelines.analysis.inference import bf16_supported, predict_probs
+from srpu_pipelines.analysis.inference import predict_probs, use_bf16
 from srpu_pipelines.analysis.metrics import ConfusionAccumulator
 from srpu_pipelines.config import Params
 from srpu_pipelines.data.dataset import load_samples, standardize
@@ -23,12 +25,18 @@ from srpu_pipelines.models.checkpoint import load_model
 log = logging.getLogger(__name__)
 
 
-def _bf16(params: Params) -> bool:
-    p = params.inference.precision
-    return p == "bf16" or (p == "auto" and bf16_supported())
+def load_checked(params: Params, checkpoint: str | Path) -> tuple[torch.nn.Module, dict]:
+    """Load a checkpoint and check that it was trained for ``params.classes``."""
+    model, cfg = load_model(checkpoint)
+    if cfg["class_names"] != params.class_names:
+        raise ValueError(
+            f"{checkpoint}: trained for classes {cfg['class_names']}, params.classes are "
+            f"{params.class_names}"
+        )
+    return model, cfg
 
 
-def _predict(model, image01: np.ndarray, params: Params) -> np.ndarray:
+def _predict(model, cfg: dict, image01: np.ndarray, params: Params) -> np.ndarray:
     inf = params.inference
     probs = predict_probs(
         model,
@@ -36,7 +44,8 @@ def _predict(model, image01: np.ndarray, params: Params) -> np.ndarray:
         tile=inf.tile_size,
         overlap=inf.overlap,
         batch_size=inf.batch_size,
-        bf16=_bf16(params),
+        bf16=use_bf16(inf.precision),
+        in_channels=cfg["in_channels"],
     )
     return probs.argmax(0).astype(np.uint8)
 
@@ -79,12 +88,7 @@ def evaluate_checkpoint(
     items = select_items(index, [split])
     if not items:
         raise ValueError(f"evaluate.split {split!r}: no labelled images in this split")
-    model, cfg = load_model(checkpoint)
-    if cfg["class_names"] != params.class_names:
-        raise ValueError(
-            f"{checkpoint}: trained for classes {cfg['class_names']}, params.classes are "
-            f"{params.class_names}"
-        )
+    model, cfg = load_checked(params, checkpoint)
     codec = MaskCodec.from_params(params)
     overall = ConfusionAccumulator(params.num_classes)
     per_ds: dict[str, ConfusionAccumulator] = {}
@@ -96,7 +100,7 @@ def evaluate_checkpoint(
         disable=not progress,
         unit="img",
     ):
-        pred = _predict(model, s.image, params)
+        pred = _predict(model, cfg, s.image, params)
         overall.update(pred, s.mask)
         per_ds.setdefault(s.dataset, ConfusionAccumulator(params.num_classes)).update(pred, s.mask)
         one = ConfusionAccumulator(params.num_classes)
@@ -138,13 +142,17 @@ def predict_folder(
         raise FileNotFoundError(f"predict.input_dir: folder {src} not found")
     if src.resolve() == out.resolve():
         raise ValueError(f"predict.out_dir must differ from predict.input_dir ({src})")
-    model, _ = load_model(checkpoint)
+    model, cfg = load_checked(params, checkpoint)
     codec = MaskCodec.from_params(params)
     files = sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
+    stems = Counter(p.stem for p in files if is_image_file(p))
     written, skipped = [], []
     for p in tqdm(files, desc="predict", disable=not progress, unit="img"):
         if not is_image_file(p):
             skipped.append({"path": str(p), "reason": "not an image file"})
+            continue
+        if stems[p.stem] > 1:  # a.png and a.tif would write the same a_pred.png
+            skipped.append({"path": str(p), "reason": f"another image is also named {p.stem!r}"})
             continue
         try:
             img = read_grey(p)
@@ -152,7 +160,7 @@ def predict_folder(
             skipped.append({"path": str(p), "reason": str(e)})
             log.warning("skipped %s", e)
             continue
-        pred = _predict(model, img, params)
+        pred = _predict(model, cfg, img, params)
         _save_png(out / f"{p.stem}_pred.png", codec.to_color(pred))
         _save_png(out / f"{p.stem}_pred_index.png", pred)
         fractions = np.bincount(pred.ravel(), minlength=params.num_classes) / pred.size

@@ -31,6 +31,11 @@ def bf16_supported() -> bool:
         return False
 
 
+def use_bf16(precision: str) -> bool:
+    """Resolve a ``precision`` param ("auto" | "bf16" | "fp32") to whether to autocast."""
+    return precision == "bf16" or (precision == "auto" and bf16_supported())
+
+
 def _window(tile: int) -> torch.Tensor:
     ramp = torch.sin(torch.pi * (torch.arange(tile, dtype=torch.float32) + 0.5) / tile)
     w = torch.outer(ramp, ramp)
@@ -49,8 +54,12 @@ def predict_probs(
     overlap: float = 0.25,
     batch_size: int = 8,
     bf16: bool = False,
+    in_channels: int = 1,
 ) -> np.ndarray:
-    """Class probabilities (C, H, W) float32 for a standardised (H, W) image."""
+    """Class probabilities (C, H, W) float32 for a standardised (H, W) image.
+
+    The grey image is repeated ``in_channels`` times for models that take more channels.
+    """
     model.eval()
     h, w = image.shape
     ph, pw = max(0, tile - h), max(0, tile - w)
@@ -65,6 +74,7 @@ def predict_probs(
     for i in range(0, len(coords), batch_size):
         chunk = coords[i : i + batch_size]
         batch = torch.cat([t[..., r : r + tile, c : c + tile] for r, c in chunk])
+        batch = batch.expand(-1, in_channels, -1, -1)
         with autocast_ctx(bf16):
             logits = model(batch)
         probs = logits.float().softmax(1)

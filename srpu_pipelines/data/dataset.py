@@ -51,7 +51,12 @@ def load_samples(
     """Read the index items' images and masks into memory."""
     out = []
     for it in tqdm(items, desc=desc, disable=not progress, unit="img", leave=False):
+        # Stretched to its own range: a 12-bit image stored as 16-bit spans only 0..0.06,
+        # where brightness and noise augmentation (on the 0..1 scale) would swamp it. The
+        # network input is standardised per image afterwards, so this changes nothing else.
         img = read_grey(Path(it["image"]))
+        lo, hi = float(img.min()), float(img.max())
+        img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
         mask = codec.decode_file(Path(it["mask"]))
         if img.shape != mask.shape:
             raise ValueError(f"{it['mask']}: mask size {mask.shape} differs from image {img.shape}")
@@ -145,7 +150,8 @@ class TileSampler(torch.utils.data.Dataset):
         return img[y0 : y0 + t, x0 : x0 + t], mask[y0 : y0 + t, x0 : x0 + t], s
 
     def __getitem__(self, _: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, T, T) float32 standardised image and (T, T) int64 mask."""
+        """(1, T, T) float32 standardised image and (T, T) int64 mask (the model repeats the
+        grey channel when it takes more than one)."""
         img, mask, s = self._crop()
         out = self.aug(image=np.ascontiguousarray(img), mask=np.ascontiguousarray(mask))
         x = (np.clip(out["image"], 0, 1) - s.mean) / s.std

@@ -105,6 +105,13 @@ def find_labeled(spec: DatasetSpec, suffix: str) -> tuple[list[Pair], list[Probl
         masks = {}
         for stem, p in _split_images(mask_dir, problems, "mask").items():
             key = stem[: -len(suffix)] if suffix and stem.endswith(suffix) else stem
+            if key in masks:
+                problems.append(
+                    Problem(
+                        str(p), f"two masks for {key!r}: {masks[key].name} and {p.name}; keep one"
+                    )
+                )
+                continue
             masks[key] = p
     else:
         images = {s: p for s, p in files.items() if not (suffix and s.endswith(suffix))}

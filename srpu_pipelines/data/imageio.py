@@ -19,6 +19,7 @@ Image.MAX_IMAGE_PIXELS = 40_000 * 40_000
 # tifffile logs a warning for every ImageJ-style TIFF whose metadata shape disagrees with
 # its first page; the page is what we read, so the warning is only noise.
 logging.getLogger("tifffile").setLevel(logging.ERROR)
+log = logging.getLogger(__name__)
 
 
 class ImageReadError(ValueError):
@@ -31,7 +32,7 @@ def is_image_file(path: Path) -> bool:
 
 def _read_tifffile(path: Path) -> np.ndarray | None:
     """Pixels of a TIFF as stored (PIL reads 16-bit RGB TIFFs as 8-bit); None for palette
-    TIFFs, which PIL decodes with their colour map."""
+    TIFFs, which PIL decodes with their colour map. Only the first page is read."""
     import tifffile
 
     try:
@@ -39,7 +40,12 @@ def _read_tifffile(path: Path) -> np.ndarray | None:
             page = tf.pages.first
             if page.photometric == tifffile.PHOTOMETRIC.PALETTE:
                 return None
+            if len(tf.pages) > 1:
+                log.warning("%s: TIFF has %d pages; reading the first", path, len(tf.pages))
             arr = page.asarray()
+            if page.photometric == tifffile.PHOTOMETRIC.MINISWHITE:
+                # 0 means white here: invert so that bright stays bright (as PIL does)
+                arr = ~arr if arr.dtype == np.bool_ else np.iinfo(arr.dtype).max - arr
     except Exception as e:  # tifffile raises many types; re-raised with the file name
         raise ImageReadError(
             f"{path}: unreadable or truncated TIFF ({type(e).__name__}: {e})"
@@ -49,11 +55,17 @@ def _read_tifffile(path: Path) -> np.ndarray | None:
     return arr
 
 
+def _from_bilevel(arr: np.ndarray, palette: str) -> np.ndarray:
+    """1-bit pixels: 0/1 when raw values are asked for ("index"), else 0/255 grey."""
+    return arr.astype(np.uint8) * (1 if palette == "index" else 255)
+
+
 def read_raw(path: str | Path, palette: str = "rgb") -> np.ndarray:
     """Pixel array of an image file, dtype as stored: (H, W) or (H, W, C).
 
     ``palette``: for palette ('P') images, "rgb" expands the palette to colours and
-    "index" returns the palette indices (how some painters store class-index masks).
+    "index" returns the palette indices (how some painters store class-index masks);
+    1-bit images give 0/1 with "index" and 0/255 with "rgb".
     """
     path = Path(path)
     if not path.is_file():
@@ -65,6 +77,8 @@ def read_raw(path: str | Path, palette: str = "rgb") -> np.ndarray:
     if path.suffix.lower() in (".tif", ".tiff"):
         arr = _read_tifffile(path)
         if arr is not None:
+            if arr.dtype == np.bool_:
+                arr = _from_bilevel(arr, palette)
             return _check_shape(path, arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 2 else arr)
     try:
         with warnings.catch_warnings():
@@ -86,7 +100,7 @@ def read_raw(path: str | Path, palette: str = "rgb") -> np.ndarray:
                     if mode == "LA":
                         arr = arr[..., 0]
                     if mode == "1":
-                        arr = arr.astype(np.uint8) * 255
+                        arr = _from_bilevel(arr, palette)
                 else:
                     arr = np.array(im.convert("RGB"))
     except UnidentifiedImageError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import unicodedata
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from srpu_pipelines.config import Params
 from srpu_pipelines.data.discovery import Pair, PoolImage, Problem, find_labeled, find_pool
-from srpu_pipelines.data.imageio import ImageReadError, image_size, read_grey
+from srpu_pipelines.data.imageio import IMAGE_EXTENSIONS, ImageReadError, image_size, read_grey
 from srpu_pipelines.data.masks import MaskCodec, MaskDecodeError, class_fractions
 from srpu_pipelines.io_utils import atomic_write_json, read_json, sha256_file
 
@@ -145,13 +146,31 @@ def assign_splits(
         def score(split: str, s: tuple = s) -> tuple[float, float]:
             local = fractions[split] * sizes[s] - counts[s][split]
             glob = fractions[split] * n_total - overall[split]
-            return (round(local, 6), round(glob, 6))
+            # a stratum less than one item short of a split has no say: the overall
+            # shortfall decides (else every single-image stratum would go to train)
+            return (round(local, 6) if local >= 1 - 1e-9 else 0.0, round(glob, 6))
 
         best = max((sp_ for sp_ in SPLITS if fractions[sp_] > 0), key=score)
         out[it["id"]] = best
         counts[s][best] += 1
         overall[best] += 1
     return out
+
+
+def _previous_splits(index_path: Path) -> dict[str, str]:
+    """Split of every id the existing index knows: current items and remembered ones."""
+    if not index_path.is_file():
+        return {}
+    try:
+        old = read_json(index_path)
+        out = dict(old.get("split_memory", {}))
+        out.update({it["id"]: it["split"] for it in old.get("items", [])})
+        return out
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(
+            f"{index_path}: existing index is unreadable ({e}); move it away to rebuild "
+            "splits from scratch"
+        ) from None
 
 
 def _load_split_file(path: Path) -> dict[str, str]:
@@ -163,7 +182,10 @@ def _load_split_file(path: Path) -> dict[str, str]:
         if not isinstance(names, list):
             raise ValueError(f"{path}: split {split!r} must be a list of names")
         for n in names:
-            out[str(n)] = str(split)
+            name = str(n)
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                name = name[: -len(Path(name).suffix)]  # "img1.tif" names the image img1
+            out[unicodedata.normalize("NFC", name)] = str(split)
     return out
 
 
@@ -206,22 +228,22 @@ def build_index(params: Params, show_progress: bool = True) -> dict[str, Any]:
     for p in problems:
         log.warning("skipped %s", p)
 
-    previous: dict[str, str] = {}
-    index_path = Path(params.data.index_path)
-    if index_path.is_file():
-        try:
-            previous = {it["id"]: it["split"] for it in read_json(index_path).get("items", [])}
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(
-                f"{index_path}: existing index is unreadable ({e}); move it away "
-                "to rebuild splits from scratch"
-            ) from None
+    previous = _previous_splits(Path(params.data.index_path))
     explicit = None
+    unmatched: list[str] = []
     if params.data.split.split_file is not None:
         explicit = _load_split_file(Path(params.data.split.split_file))
+        known = {it["id"] for it in items} | {it["name"] for it in items}
+        unmatched = sorted(n for n in explicit if n not in known)
+        for n in unmatched:
+            log.warning("%s: %r matches no labelled image", params.data.split.split_file, n)
     splits = assign_splits(items, params, previous, explicit)
     for it in items:
         it["split"] = splits[it["id"]]
+    current = {it["id"] for it in items}
+    # Images that left the index (skipped while a mask is fixed, moved away) keep their
+    # split for when they come back: a test image must never return as a train image.
+    memory = {k: v for k, v in sorted(previous.items()) if k not in current}
     items.sort(key=lambda it: it["id"])
     pool_items.sort(key=lambda it: it["id"])
     return {
@@ -230,6 +252,8 @@ def build_index(params: Params, show_progress: bool = True) -> dict[str, Any]:
         "items": items,
         "pool": pool_items,
         "skipped": [{"path": p.path, "reason": p.reason} for p in problems],
+        "split_memory": memory,
+        "split_file_unmatched": unmatched,
         "counts": {
             "labeled": len(items),
             "pool": len(pool_items),

@@ -40,25 +40,29 @@ def save_checkpoint(
 ) -> None:
     """Write ``path`` (.pt: weights + optional training state) and its ``.json`` config."""
     path = Path(path)
-    payload = {"model": model.state_dict(), **(state or {})}
-    atomic_write_with(path, lambda tmp: torch.save(payload, tmp))
+    payload = {"model": model.state_dict(), "config": config, **(state or {})}
+    # config first: a run killed between the two writes leaves a .json that fits the
+    # .pt to come or, as the .pt also carries its config, one that can be rebuilt
     atomic_write_json(path.with_suffix(".json"), config)
+    atomic_write_with(path, lambda tmp: torch.save(payload, tmp))
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(payload, config) of a checkpoint; errors name the file."""
     path = Path(path)
-    cfg_path = path.with_suffix(".json")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found; train a model first")
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path}: checkpoint config missing beside {path.name}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a damaged file
         raise ValueError(f"{path}: damaged or not an SRPU checkpoint ({e})") from None
     if not isinstance(payload, dict) or "model" not in payload:
         raise ValueError(f"{path}: not an SRPU checkpoint (no 'model' state_dict)")
+    if isinstance(payload.get("config"), dict):
+        return payload, payload["config"]
+    cfg_path = path.with_suffix(".json")
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: checkpoint config missing beside {path.name}")
     return payload, read_json(cfg_path)
 
 

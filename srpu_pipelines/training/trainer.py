@@ -24,13 +24,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from srpu_pipelines.analysis.inference import autocast_ctx, bf16_supported, predict_labels
+from srpu_pipelines.analysis.inference import autocast_ctx, predict_labels, use_bf16
 from srpu_pipelines.analysis.metrics import ConfusionAccumulator
 from srpu_pipelines.config import Params
 from srpu_pipelines.data.dataset import Sample, TileSampler, load_samples
 from srpu_pipelines.data.index import select_items
 from srpu_pipelines.data.masks import MaskCodec
-from srpu_pipelines.io_utils import atomic_write_json
+from srpu_pipelines.io_utils import atomic_write_json, read_json
 from srpu_pipelines.models.checkpoint import model_config, read_checkpoint, save_checkpoint
 from srpu_pipelines.models.factory import model_from_params
 from srpu_pipelines.training.losses import SegLoss, lr_factor
@@ -75,10 +75,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def use_bf16(precision: str) -> bool:
-    return precision == "bf16" or (precision == "auto" and bf16_supported())
-
-
 def validate(
     model: torch.nn.Module, samples: list[Sample], params: Params, bf16: bool
 ) -> dict[str, Any]:
@@ -93,6 +89,7 @@ def validate(
             overlap=inf.overlap,
             batch_size=inf.batch_size,
             bf16=bf16,
+            in_channels=params.model.in_channels,
         )
         acc.update(pred, s.mask)
     return acc.scores(params.class_names)
@@ -165,6 +162,12 @@ def train_stage(
         step, epoch = int(state["step"]), int(state["epoch"])
         best, best_epoch = float(state["best_miou"]), int(state["best_epoch"])
         elapsed0, history, resumed = float(state["elapsed_s"]), list(state["history"]), True
+        # best.pt is written before last.pt: a run killed between the two has a newer best
+        best_cfg = out / "best.json"
+        if best_cfg.is_file():
+            saved = read_json(best_cfg)
+            if float(saved.get("score", -math.inf)) > best:
+                best, best_epoch = float(saved["score"]), int(saved["epoch"])
         log.info("resumed %s at epoch %d, step %d (best mIoU %.4f)", last_path, epoch, step, best)
         if bool(state.get("finished")) and step >= total_steps:
             best_miou = best if val_items else math.nan
@@ -205,7 +208,7 @@ def train_stage(
             for g in opt.param_groups:
                 g["lr"] = lr
             with autocast_ctx(bf16):
-                logits = model(x)
+                logits = model(x.expand(-1, params.model.in_channels, -1, -1))
             loss = loss_fn(logits, y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -239,7 +242,13 @@ def train_stage(
             save_checkpoint(
                 out / "best.pt",
                 model,
-                {**cfg, "epoch": epoch, "step": step, "val_miou": rec.get("val_miou")},
+                {
+                    **cfg,
+                    "epoch": epoch,
+                    "step": step,
+                    "val_miou": rec.get("val_miou"),
+                    "score": score,
+                },
             )
         history.append(rec)
         finished = out_of_budget()
