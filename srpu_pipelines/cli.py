@@ -41,17 +41,26 @@ def cmd_demo_data(params: Params, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_index(params: Params, args: argparse.Namespace) -> int:
-    from srpu_pipelines.data.index import build_index, write_index
+def _tracker(params: Params):
+    """The MLflow tracker of ``params.tracking``, or None where tracking is off."""
+    if not params.tracking.enabled:
+        return None
+    from srpu_pipelines.resources.tracking import MlflowTracker
 
-    idx = build_index(params, show_progress=not args.quiet)
-    changed = write_index(idx, params.data.index_path)
+    return MlflowTracker(params.tracking)
+
+
+def cmd_index(params: Params, args: argparse.Namespace) -> int:
+    from srpu_pipelines.steps import run_index
+
+    res = run_index(params, progress=not args.quiet)
+    idx = res["index"]
     c = idx["counts"]
     splits = ", ".join(f"{k} {v}" for k, v in c.items() if k not in ("labeled", "pool", "skipped"))
     print(
         f"{params.data.index_path}: {c['labeled']} labelled pairs ({splits}), "
         f"{c['pool']} pool images, {c['skipped']} skipped"
-        f"{'' if changed else ' (unchanged)'}"
+        f"{'' if res['changed'] else ' (unchanged)'}"
     )
     for s in idx["skipped"]:
         print(f"  skipped {s['path']}: {s['reason']}")
@@ -59,18 +68,19 @@ def cmd_index(params: Params, args: argparse.Namespace) -> int:
 
 
 def cmd_train(params: Params, args: argparse.Namespace) -> int:
-    from srpu_pipelines.data.index import load_index
-    from srpu_pipelines.training.trainer import train_stage
+    from srpu_pipelines.steps import run_train
 
-    res = train_stage(
+    if args.out:
+        params.train.out_dir = Path(args.out)
+    out = run_train(
         params,
-        load_index(params.data.index_path),
-        out_dir=args.out,
+        _tracker(params),
+        progress=not args.quiet,
         init_weights=args.init,
         budget_s=args.budget_s,
         max_steps=args.steps,
-        progress=not args.quiet,
     )
+    res = out["result"]
     val = (
         f"best val mIoU {res.best_miou:.4f} at epoch {res.best_epoch}"
         if math.isfinite(res.best_miou)
@@ -81,43 +91,65 @@ def cmd_train(params: Params, args: argparse.Namespace) -> int:
         f"({'resumed, ' if res.resumed else ''}{res.epochs} epochs); {val}; "
         f"checkpoint {res.best_checkpoint}"
     )
+    if out["version"] is not None:
+        print(
+            f"MLflow run {out['record']['run_id']}; registered "
+            f"{out['record']['registered_model']} version {out['version'].version} (challenger)"
+        )
     return 0
 
 
-def _checkpoint(params: Params, args: argparse.Namespace) -> Path:
-    if args.checkpoint:
-        return Path(args.checkpoint)
-    return Path(params.train.out_dir) / f"{params.evaluate.checkpoint}.pt"
-
-
 def cmd_evaluate(params: Params, args: argparse.Namespace) -> int:
-    from srpu_pipelines.analysis.evaluate import evaluate_checkpoint
-    from srpu_pipelines.data.index import load_index
+    from srpu_pipelines.steps import run_evaluate
 
-    m = evaluate_checkpoint(
-        params,
-        load_index(params.data.index_path),
-        _checkpoint(params, args),
-        split=args.split,
-        out_dir=args.out,
-        progress=not args.quiet,
-    )
+    if args.split:
+        params.evaluate.split = args.split
+    if args.out:
+        params.evaluate.out_dir = Path(args.out)
+    m = run_evaluate(params, _tracker(params), checkpoint=args.checkpoint, progress=not args.quiet)
     print(_table(m, f"split {m['split']} ({m['images']} images), {m['checkpoint']}"))
     for ds, sc in m["per_dataset"].items():
         print(f"  {ds}: mIoU {sc['miou']:.4f}")
-    print(f"metrics and overlays in {args.out or params.evaluate.out_dir}")
+    print(f"metrics and overlays in {params.evaluate.out_dir}")
+    return 0
+
+
+def cmd_promote(params: Params, args: argparse.Namespace) -> int:
+    from srpu_pipelines.steps import run_promote
+
+    tracker = _tracker(params)
+    if tracker is None:
+        raise ValueError("tracking.enabled is false: there is no registry to promote in")
+    g = run_promote(params, tracker)
+    name = tracker.registered_model
+    if g["passed"]:
+        print(
+            f"{name} version {g['candidate_version']} is now champion "
+            f"(val mIoU {g['candidate_val_miou']:.4f}; previous champion: "
+            f"{g['champion_version'] or 'none'})"
+        )
+    else:
+        print(
+            f"kept champion version {g['champion_version']} (val mIoU "
+            f"{g['champion_val_miou']:.4f}); candidate {g['candidate_version']} scored "
+            f"{g['candidate_val_miou']:.4f}"
+        )
     return 0
 
 
 def cmd_predict(params: Params, args: argparse.Namespace) -> int:
     from srpu_pipelines.analysis.evaluate import predict_folder
+    from srpu_pipelines.steps import prediction_checkpoint
 
-    res = predict_folder(
-        params, _checkpoint(params, args), args.input, args.out, progress=not args.quiet
+    ckpt = (
+        Path(args.checkpoint)
+        if args.checkpoint
+        else prediction_checkpoint(params, _tracker(params))
     )
+    res = predict_folder(params, ckpt, args.input, args.out, progress=not args.quiet)
     print(
-        f"{len(res['predicted'])} images segmented into {args.out or params.predict.out_dir}, "
-        f"{len(res['skipped'])} skipped"
+        f"{len(res['predicted'])} images segmented into {args.out or params.predict.out_dir} "
+        f"with {ckpt}, {len(res['skipped'])} skipped"
     )
     for s in res["skipped"]:
         print(f"  skipped {s['path']}: {s['reason']}")
@@ -171,13 +203,23 @@ def build_parser() -> argparse.ArgumentParser:
         ("predict", "segment a folder of images at full size (colour + index masks)", cmd_predict),
     ):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--checkpoint", help="model .pt (default train.out_dir/<best|last>.pt)")
+        p.add_argument(
+            "--checkpoint",
+            help="model .pt (default: evaluate: train.out_dir/"
+            "<evaluate.checkpoint>.pt; predict: as predict.source says)",
+        )
         p.add_argument("--out", help=f"output folder (default {name}.out_dir)")
         if name == "evaluate":
             p.add_argument("--split", help="split to score (default evaluate.split)")
         else:
             p.add_argument("--input", help="folder of images (default predict.input_dir)")
         p.set_defaults(func=fn)
+
+    p = sub.add_parser(
+        "promote",
+        help="make the newly trained model champion if its val mIoU is not below the champion's",
+    )
+    p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("bench", help="benchmarks that print JSON (not tests)")
     bsub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")

@@ -184,6 +184,11 @@ class EvaluateParams(_Strict):
 class PredictParams(_Strict):
     input_dir: Path = Path("data/predict")
     out_dir: Path = Path("outputs/predictions")
+    source: Literal["champion", "checkpoint"] = Field(
+        default="champion",
+        description="champion: the registry's champion version; checkpoint: train.out_dir",
+    )
+    models_cache: Path = Path("outputs/models")
 
 
 class DemoParams(_Strict):
@@ -194,6 +199,20 @@ class DemoParams(_Strict):
     predict_images: int = Field(default=2, ge=0)
     size: int = Field(default=256, ge=64)
     info_bar: int = Field(default=24, ge=0, description="height of the SEM data bar in px")
+
+
+class TrackingParams(_Strict):
+    """MLflow tracking and model registry. The URI: ``uri`` when set, else the environment's
+    MLFLOW_TRACKING_URI, else a SQLite file in the project (no server needed)."""
+
+    enabled: bool = True
+    uri: str | None = None
+    default_db: Path = Path("mlruns/mlflow.db")
+    artifact_root: Path = Field(
+        default=Path("mlruns/artifacts"), description="artifact folder for the SQLite default"
+    )
+    experiment: str = Field(default="srpu", min_length=1)
+    registered_model: str = Field(default="srpu-segmenter", min_length=1)
 
 
 class Params(_Strict):
@@ -207,6 +226,7 @@ class Params(_Strict):
     evaluate: EvaluateParams = EvaluateParams()
     predict: PredictParams = PredictParams()
     demo: DemoParams = DemoParams()
+    tracking: TrackingParams = TrackingParams()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:

@@ -12,9 +12,9 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 
 def _read_umask() -> int:
@@ -32,27 +32,8 @@ def _publish(tmp: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-@contextlib.contextmanager
-def atomic_open(path: str | Path, suffix: str = "") -> Iterator[BinaryIO]:
-    """Open a temporary binary file next to ``path``; on success rename it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        _publish(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_open(path) as fh:
-        fh.write(data)
+    atomic_write_with(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def json_safe(obj: Any) -> Any:

@@ -64,7 +64,18 @@ def tiny_params_dict(tmp: Path, **overrides: Any) -> dict[str, Any]:
         },
         "inference": {"tile_size": 64, "batch_size": 4},
         "evaluate": {"out_dir": str(tmp / "out/eval"), "overlays": 1},
-        "predict": {"input_dir": str(tmp / "demo/predict"), "out_dir": str(tmp / "out/pred")},
+        "predict": {
+            "input_dir": str(tmp / "demo/predict"),
+            "out_dir": str(tmp / "out/pred"),
+            "source": "checkpoint",
+            "models_cache": str(tmp / "out/models"),
+        },
+        # off by default in tests; tests of tracking turn it on with a temporary database
+        "tracking": {
+            "enabled": False,
+            "default_db": str(tmp / "mlruns/mlflow.db"),
+            "artifact_root": str(tmp / "mlruns/artifacts"),
+        },
         "demo": {
             "out_dir": str(tmp / "demo"),
             "datasets": ["a", "b"],

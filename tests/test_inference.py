@@ -8,8 +8,11 @@ from PIL import Image
 from srpu_pipelines.analysis.evaluate import evaluate_checkpoint, predict_folder
 from srpu_pipelines.analysis.inference import predict_probs
 from srpu_pipelines.analysis.metrics import ConfusionAccumulator, scores_from_confusion
+from srpu_pipelines.config import parse_params
+from srpu_pipelines.data.demo import generate_demo
 from srpu_pipelines.data.index import build_index
 from srpu_pipelines.training.trainer import train_stage
+from tests.conftest import tiny_params_dict
 
 
 class Threshold(torch.nn.Module):
@@ -39,11 +42,14 @@ def test_scores_from_a_known_confusion_matrix():
     assert acc.matrix.tolist() == [[1, 1], [0, 1]]  # the 255 pixel is not counted
 
 
-@pytest.fixture
-def trained(demo_params):
-    index = build_index(demo_params, show_progress=False)
-    res = train_stage(demo_params, index, progress=False)
-    return demo_params, index, res.best_checkpoint
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny trained model shared by this module's tests (training is the slow part)."""
+    params = parse_params(tiny_params_dict(tmp_path_factory.mktemp("trained")))
+    generate_demo(params)
+    index = build_index(params, show_progress=False)
+    res = train_stage(params, index, progress=False)
+    return params, index, res.best_checkpoint
 
 
 def test_evaluate_writes_metrics_and_overlays(trained):

@@ -25,11 +25,12 @@ class Problem:
 
 
 @dataclass(frozen=True)
-class Pair:
+class PoolImage:
+    """An unlabelled image; ``id`` is ``dataset/name`` (name: file stem, NFC)."""
+
     dataset: str
     name: str
     image: Path
-    mask: Path
 
     @property
     def id(self) -> str:
@@ -37,14 +38,10 @@ class Pair:
 
 
 @dataclass(frozen=True)
-class PoolImage:
-    dataset: str
-    name: str
-    image: Path
+class Pair(PoolImage):
+    """An image and its mask."""
 
-    @property
-    def id(self) -> str:
-        return f"{self.dataset}/{self.name}"
+    mask: Path
 
 
 def _nfc(s: str) -> str:

@@ -295,3 +295,44 @@ def select_items(
         for it in index["items"]
         if it["split"] in splits and (datasets is None or it["dataset"] in datasets)
     ]
+
+
+def verify_items(index: dict[str, Any], params: Params) -> dict[str, list[str]]:
+    """Re-read every indexed pair: masks that no longer decode, sizes that differ, and
+    files changed since indexing. Returns {"decode": [...], "size": [...], "changed": [...]}."""
+    codec = MaskCodec.from_params(params)
+    out: dict[str, list[str]] = {"decode": [], "size": [], "changed": []}
+    for it in index["items"]:
+        try:
+            mask = codec.decode_file(it["mask"])
+        except (ImageReadError, MaskDecodeError) as e:
+            out["decode"].append(str(e))
+            continue
+        if mask.shape != (it["height"], it["width"]):
+            out["size"].append(
+                f"{it['mask']}: {mask.shape[1]}x{mask.shape[0]} vs image "
+                f"{it['width']}x{it['height']}"
+            )
+        if (
+            sha256_file(it["image"]) != it["image_sha256"]
+            or sha256_file(it["mask"]) != it["mask_sha256"]
+        ):
+            out["changed"].append(f"{it['id']}: changed since indexing; run `srpu index`")
+    return out
+
+
+def missing_classes_per_split(
+    index: dict[str, Any], class_names: list[str]
+) -> dict[str, list[str]]:
+    """{split: [classes with no labelled pixel in that split]} for the train/val/test splits."""
+    out: dict[str, list[str]] = {}
+    for split in SPLITS:
+        items = [it for it in index["items"] if it["split"] == split]
+        if not items:
+            out[split] = list(class_names)
+            continue
+        total = np.sum([it["class_fractions"] for it in items], axis=0)
+        missing = [n for n, t in zip(class_names, total, strict=True) if t <= 0]
+        if missing:
+            out[split] = missing
+    return out

@@ -1,0 +1,37 @@
+"""Metadata a person wants to see in the Dagster UI: tables and preview pictures."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import numpy as np
+from PIL import Image
+
+
+def iou_table(metrics: dict[str, Any]) -> dg.MetadataValue:
+    """Markdown table: class | IoU | Dice, then the means."""
+    rows = ["| class | IoU | Dice |", "| --- | ---: | ---: |"]
+
+    def f(v: float | None) -> str:
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+    for cls, v in metrics["iou"].items():
+        rows.append(f"| {cls} | {f(v)} | {f(metrics['dice'].get(cls))} |")
+    rows.append(f"| **mean** | **{f(metrics['miou'])}** | **{f(metrics['mdice'])}** |")
+    return dg.MetadataValue.md("\n".join(rows))
+
+
+def image_preview(path: str | Path | np.ndarray, max_width: int = 640) -> dg.MetadataValue:
+    """A PNG shown inline (base64 markdown), scaled down to ``max_width``."""
+    im = Image.fromarray(path) if isinstance(path, np.ndarray) else Image.open(path)
+    if im.width > max_width:
+        im = im.resize((max_width, round(im.height * max_width / im.width)))
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, format="PNG")
+    data = base64.b64encode(buf.getvalue()).decode()
+    return dg.MetadataValue.md(f"![preview](data:image/png;base64,{data})")

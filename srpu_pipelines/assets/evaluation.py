@@ -1,0 +1,78 @@
+"""Evaluation asset, the blocking champion gate, and promotion to champion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+
+from srpu_pipelines.assets._metadata import image_preview, iou_table
+from srpu_pipelines.assets.training import trained_model
+from srpu_pipelines.resources.dagster_resources import MlflowResource, ParamsResource
+from srpu_pipelines.steps import champion_gate, promote, run_evaluate
+
+
+@dg.asset(
+    group_name="evaluation",
+    deps=[trained_model],
+    description="Per-class IoU and Dice on the test split, overlay pictures "
+    "(srpu evaluate); logged into the training run.",
+)
+def evaluation(params: ParamsResource, mlflow: MlflowResource) -> dg.MaterializeResult:
+    p = params.load()
+    m = run_evaluate(p, mlflow.tracker(p), progress=False)
+    meta = {
+        "split": m["split"],
+        "images": m["images"],
+        "miou": m["miou"],
+        "mdice": m["mdice"],
+        "per_class": iou_table(m),
+        "metrics": dg.MetadataValue.path(str(Path(p.evaluate.out_dir) / "metrics.json")),
+    }
+    overlays = sorted((Path(p.evaluate.out_dir) / "overlays").glob("*.png"))
+    if overlays:
+        meta["overlay"] = image_preview(overlays[0])
+    return dg.MaterializeResult(metadata=meta)
+
+
+@dg.asset_check(
+    asset=evaluation,
+    blocking=True,
+    description="The new model's validation mIoU is not below the champion's.",
+)
+def not_worse_than_champion(params: ParamsResource, mlflow: MlflowResource) -> dg.AssetCheckResult:
+    p = params.load()
+    tracker = mlflow.tracker(p)
+    if tracker is None:
+        return dg.AssetCheckResult(
+            passed=False,
+            description="tracking.enabled is false: there is no registry to promote in",
+        )
+    g = champion_gate(p, tracker)
+    return dg.AssetCheckResult(
+        passed=g["passed"],
+        metadata={k: v for k, v in g.items() if v is not None and k != "passed"},
+        description="no champion yet" if g["champion_version"] is None else None,
+    )
+
+
+@dg.asset(
+    group_name="evaluation",
+    deps=[evaluation],
+    description="Alias 'champion' on the new model version; runs only when the "
+    "blocking gate passed.",
+)
+def champion_model(params: ParamsResource, mlflow: MlflowResource) -> dg.MaterializeResult:
+    p = params.load()
+    tracker = mlflow.tracker(p)
+    if tracker is None:
+        raise dg.Failure("tracking.enabled is false: no registry to promote in")
+    mv = promote(p, tracker)  # the blocking check above has passed, or this would not run
+    return dg.MaterializeResult(
+        metadata={
+            "registered_model": tracker.registered_model,
+            "version": mv.version,
+            "val_miou": mv.val_miou,
+            "uri": f"models:/{tracker.registered_model}@champion",
+        }
+    )

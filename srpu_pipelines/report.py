@@ -1,0 +1,57 @@
+"""What `make demo` prints at the end: the champion, its scores, and where to look."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from srpu_pipelines.config import load_params
+from srpu_pipelines.io_utils import read_json
+from srpu_pipelines.resources.tracking import MlflowTracker
+from srpu_pipelines.steps import CHAMPION
+
+
+def main(params_path: str = "params.yaml") -> int:
+    params = load_params(params_path)
+    lines = ["", "=" * 72, "SRPU demo finished", "=" * 72]
+    if params.tracking.enabled:
+        t = MlflowTracker(params.tracking)
+        champ = t.get_alias(CHAMPION)
+        if champ is None:
+            lines.append(f"no champion in {t.uri} yet")
+        else:
+            lines.append(
+                f"champion: {t.registered_model} version {champ.version} "
+                f"(val mIoU {champ.val_miou:.4f}), models:/{t.registered_model}@champion"
+            )
+            run = t.client.get_run(champ.run_id)
+            test = {
+                k[len("test_iou.") :]: v
+                for k, v in run.data.metrics.items()
+                if k.startswith("test_iou.")
+            }
+            if test:
+                lines.append("champion test IoU per class:")
+                lines += [f"  {k:<24}{v:.4f}" for k, v in test.items()]
+                lines.append(f"  {'mean':<24}{run.data.metrics.get('test_miou', float('nan')):.4f}")
+    metrics = Path(params.evaluate.out_dir) / "metrics.json"
+    if metrics.is_file():
+        m = read_json(metrics)
+        lines.append(
+            f"latest model on split {m['split']}: mIoU {m['miou']:.4f} "
+            f"({metrics}, overlays in {metrics.parent / 'overlays'})"
+        )
+    lines += [
+        f"predicted masks: {params.predict.out_dir}",
+        "",
+        "Look at it:",
+        "  Dagster UI:  make ui         (http://127.0.0.1:3000, asset graph and metadata)",
+        "  MLflow UI:   make mlflow-ui  (http://127.0.0.1:5000, runs and the model registry)",
+        "  Same pipeline through DVC:   make repro   (or `dvc repro` with .venv activated)",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))

@@ -1,0 +1,28 @@
+"""Dagster resources: where params come from, and the tracker the assets record with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+
+from srpu_pipelines.config import Params, load_params
+from srpu_pipelines.resources.tracking import MlflowTracker, Tracker
+
+
+class ParamsResource(dg.ConfigurableResource):
+    """params.yaml (relative to the working directory) plus ``key=value`` overrides."""
+
+    path: str = "params.yaml"
+    overrides: list[str] = []
+
+    def load(self) -> Params:
+        return load_params(Path(self.path), self.overrides)
+
+
+class MlflowResource(dg.ConfigurableResource):
+    """MLflow tracking and registry as set in ``params.tracking`` (SQLite file by default;
+    MLFLOW_TRACKING_URI points it at a server)."""
+
+    def tracker(self, params: Params) -> Tracker | None:
+        return MlflowTracker(params.tracking) if params.tracking.enabled else None

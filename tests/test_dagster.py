@@ -1,0 +1,77 @@
+"""The Dagster code location: loads, and materialises the whole pipeline on tiny data."""
+
+import dagster as dg
+import pytest
+import yaml
+
+from srpu_pipelines.definitions import ASSETS, CHECKS, defs
+from srpu_pipelines.resources.dagster_resources import MlflowResource, ParamsResource
+from srpu_pipelines.resources.tracking import ModelVersion, RecordingTracker
+from srpu_pipelines.steps import CHAMPION
+from tests.conftest import tiny_params_dict
+
+FAKE = RecordingTracker()
+
+
+class FakeMlflow(MlflowResource):
+    """The real resource's interface, recording into FAKE instead of MLflow."""
+
+    def tracker(self, params):
+        return FAKE
+
+
+def test_definitions_load():
+    dg.Definitions.validate_loadable(defs)
+    job = defs.resolve_job_def("srpu_pipeline")
+    keys = {k.to_user_string() for k in job.asset_layer.asset_graph.get_all_asset_keys()}
+    assert {"dataset_index", "trained_model", "evaluation", "champion_model", "predictions"} <= keys
+
+
+@pytest.fixture
+def resources(tmp_path):
+    from srpu_pipelines.config import parse_params
+    from srpu_pipelines.data.demo import generate_demo
+
+    d = tiny_params_dict(tmp_path)
+    d["predict"]["source"] = "champion"
+    pf = tmp_path / "params.yaml"
+    pf.write_text(yaml.safe_dump(d))
+    generate_demo(parse_params(d))
+    FAKE.__init__()
+    return {"params": ParamsResource(path=str(pf)), "mlflow": FakeMlflow()}, tmp_path
+
+
+def _metadata(result, key):
+    mats = result.asset_materializations_for_node(key)
+    return mats[-1].metadata
+
+
+def test_materialize_everything(resources):
+    res, tmp = resources
+    result = dg.materialize([*ASSETS, *CHECKS], resources=res)
+    assert result.success
+    idx = _metadata(result, "dataset_index")
+    assert idx["labelled"].value == 8 and "preview" in idx and "splits" in idx
+    tm = _metadata(result, "trained_model")
+    assert tm["model_version"].value == "1" and "curve" in tm
+    ev = _metadata(result, "evaluation")
+    assert "| carbon |" in ev["per_class"].value and "overlay" in ev
+    checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+    assert checks["masks_decode_and_fit"] and checks["not_worse_than_champion"]
+    assert FAKE.aliases == {"challenger": "1", CHAMPION: "1"}
+    assert len(list((tmp / "out/pred").glob("*_pred.png"))) == 1
+    run = FAKE.runs[FAKE.versions[0].run_id]
+    assert run["params"]["train"]["epochs"] == 2 and run["tags"]["srpu.data_revision"]
+    assert any("val_miou" in m for _, m in run["metrics"])  # per epoch
+    assert any(k.startswith("test_iou.") for _, m in run["metrics"] for k in m)
+
+
+def test_blocking_gate_keeps_a_better_champion(resources):
+    res, _ = resources
+    FAKE.versions.append(ModelVersion("7", "old", {"val_miou": "2.0"}))  # unbeatable
+    FAKE.aliases[CHAMPION] = "7"
+    result = dg.materialize([*ASSETS, *CHECKS], resources=res, raise_on_error=False)
+    checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+    assert checks["not_worse_than_champion"] is False
+    assert FAKE.aliases[CHAMPION] == "7"  # not promoted
+    assert not result.asset_materializations_for_node("champion_model")

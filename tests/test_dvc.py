@@ -1,0 +1,87 @@
+"""`dvc repro` runs the same stages as Dagster; a second repro does nothing; one changed
+param re-runs only what depends on it. Runs in a copy of the project with tiny params."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, tiny_params_dict
+
+DVC = Path(sys.executable).parent / "dvc"
+pytestmark = pytest.mark.skipif(not DVC.exists(), reason=f"{DVC} missing: run `make setup`")
+
+
+def _dvc(cwd: Path, *args: str) -> str:
+    env = {**os.environ, "PATH": f"{DVC.parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    out = subprocess.run(
+        [str(DVC), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert out.returncode == 0, f"dvc {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}"
+    return out.stdout + out.stderr
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """The tracked files of this project, with the demo data made tiny (and not DVC-tracked)."""
+    from srpu_pipelines.config import parse_params
+    from srpu_pipelines.data.demo import generate_demo
+
+    dst = tmp_path_factory.mktemp("dvcproj") / "srpu"
+    files = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for f in files:
+        if f.startswith("data/") or not (ROOT / f).is_file():
+            continue
+        (dst / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, dst / f)
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+    base = tiny_params_dict(Path("."))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    # same keys as the real params.yaml, small values; demo folders stay where dvc.yaml says
+    params["model"].update(base["model"])
+    params["train"].update({k: v for k, v in base["train"].items() if k != "out_dir"})
+    params["inference"].update(base["inference"])
+    params["demo"].update(
+        {k: v for k, v in base["demo"].items() if k not in ("out_dir", "datasets")}
+    )
+    params["tracking"]["enabled"] = True
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    cwd = os.getcwd()
+    os.chdir(dst)
+    try:
+        generate_demo(parse_params(params))
+    finally:
+        os.chdir(cwd)
+    return dst
+
+
+STAGES = ["dataset_index", "trained_model", "evaluation", "champion_model", "predictions"]
+
+
+def test_repro_runs_then_is_idempotent_then_reruns_only_what_changed(project):
+    out = _dvc(project, "repro")
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in out, out
+    assert (project / "outputs/predictions").is_dir()
+    assert "up to date" in _dvc(project, "status") or "Data and pipelines are up to date" in _dvc(
+        project, "status"
+    )
+    again = _dvc(project, "repro")
+    assert "Running stage" not in again, again
+    p = yaml.safe_load((project / "params.yaml").read_text())
+    p["evaluate"]["overlays"] = 2
+    (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    third = _dvc(project, "repro")
+    ran = [s for s in STAGES if f"Running stage '{s}'" in third]
+    assert ran == ["evaluation"], third
+    assert "metrics.json" in _dvc(project, "metrics", "show") or "miou" in _dvc(
+        project, "metrics", "show"
+    )
