@@ -75,3 +75,14 @@ def test_blocking_gate_keeps_a_better_champion(resources):
     assert checks["not_worse_than_champion"] is False
     assert FAKE.aliases[CHAMPION] == "7"  # not promoted
     assert not result.asset_materializations_for_node("champion_model")
+
+
+def test_assets_and_checks_invoked_directly(resources):
+    """Dagster's direct invocation: an asset body and a check called like functions."""
+    from srpu_pipelines.assets.data import dataset_index, masks_decode_and_fit
+
+    res, _ = resources
+    out = dataset_index(params=res["params"])
+    assert out.metadata["labelled"] == 8
+    check = masks_decode_and_fit(params=res["params"])
+    assert check.passed and check.metadata["decode"].value == 0

@@ -85,3 +85,33 @@ def test_repro_runs_then_is_idempotent_then_reruns_only_what_changed(project):
     assert "metrics.json" in _dvc(project, "metrics", "show") or "miou" in _dvc(
         project, "metrics", "show"
     )
+
+
+def test_dagster_cli_materializes_with_a_string_selection(project, tmp_path):
+    """Users type `dagster asset materialize --select '*'`: string selections go through
+    Dagster's ANTLR parser, which breaks with the ANTLR 4.9 that DVC's hydra pins."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    out = subprocess.run(
+        [
+            str(DVC.parent / "dagster"),
+            "asset",
+            "materialize",
+            "--select",
+            "*",
+            "-m",
+            "srpu_pipelines.definitions",
+        ],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-3000:]
+    for asset in STAGES:
+        assert f"Materialized value {asset}" in log, asset
+    assert "RUN_SUCCESS" in log
