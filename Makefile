@@ -56,8 +56,10 @@ test: setup browser
 # dataset_index -> trained_model -> evaluation -> (blocking gate) champion_model -> predictions
 demo: setup
 	$(SRPU) demo-data
-	$(VENV)/bin/dagster asset materialize --select '*' -m srpu_pipelines.definitions
-	$(PY) -m srpu_pipelines.report
+	@status=0; $(VENV)/bin/dagster asset materialize --select '*' -m srpu_pipelines.definitions \
+	  || status=$$?; $(PY) -m srpu_pipelines.report; if [ $$status -ne 0 ]; then \
+	  echo "dagster run failed (a failed blocking check keeps the champion): see make ui"; fi; \
+	  exit $$status
 
 # Web UIs, on the loopback interface only.
 ui: setup

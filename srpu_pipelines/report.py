@@ -25,15 +25,18 @@ def main(params_path: str = "params.yaml") -> int:
                 f"(val mIoU {champ.val_miou:.4f}), models:/{t.registered_model}@champion"
             )
             run = t.client.get_run(champ.run_id)
+            pre = f"eval_{params.evaluate.split}_"
             test = {
-                k[len("test_iou.") :]: v
+                k[len(pre + "iou.") :]: v
                 for k, v in run.data.metrics.items()
-                if k.startswith("test_iou.")
+                if k.startswith(pre + "iou.")
             }
             if test:
-                lines.append("champion test IoU per class:")
+                lines.append(f"champion {params.evaluate.split} IoU per class:")
                 lines += [f"  {k:<24}{v:.4f}" for k, v in test.items()]
-                lines.append(f"  {'mean':<24}{run.data.metrics.get('test_miou', float('nan')):.4f}")
+                lines.append(
+                    f"  {'mean':<24}{run.data.metrics.get(pre + 'miou', float('nan')):.4f}"
+                )
     metrics = Path(params.evaluate.out_dir) / "metrics.json"
     if metrics.is_file():
         m = read_json(metrics)

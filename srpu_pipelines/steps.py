@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from srpu_pipelines.config import Params
-from srpu_pipelines.io_utils import atomic_write_json, read_json
+from srpu_pipelines.io_utils import atomic_write_json, read_json, sha256_file
 from srpu_pipelines.resources.tracking import ModelVersion, Tracker, flat_metrics
 
 log = logging.getLogger(__name__)
@@ -41,14 +41,33 @@ def run_index(params: Params, progress: bool = True) -> dict[str, Any]:
 def run_train(
     params: Params, tracker: Tracker | None, progress: bool = True, **train_kw: Any
 ) -> dict[str, Any]:
-    """Train one stage inside a tracked run; register the best checkpoint as ``challenger``."""
+    """Train one stage inside a tracked run; register the best checkpoint as ``challenger``.
+
+    Re-running with nothing changed registers nothing new: the finished run's record is
+    returned. Changed settings or data start training over (the old model is already in
+    the registry). The record (``model_version.json``) names the run, the version and the
+    checkpoint's hash, so later steps log only about the checkpoint it describes.
+    """
     from srpu_pipelines.data.index import load_index
-    from srpu_pipelines.training.trainer import train_stage
+    from srpu_pipelines.training.trainer import is_finished, train_stage
 
     index = load_index(params.data.index_path)
+    record_path = model_record_path(params)
     if tracker is None:
+        record_path.unlink(missing_ok=True)  # it would describe a checkpoint about to change
         res = train_stage(params, index, progress=progress, **train_kw)
-        return {"result": res, "version": None}
+        return {"result": res, "version": None, "record": None}
+    kw = {k: train_kw[k] for k in ("out_dir", "init_weights", "max_steps") if k in train_kw}
+    if record_path.is_file() and is_finished(params, index, **kw):
+        record = read_json(record_path)
+        best = Path(params.train.out_dir) / "best.pt"
+        if record.get("checkpoint_sha256") == sha256_file(best):
+            res = train_stage(params, index, progress=progress, **train_kw)  # returns at once
+            mv = ModelVersion(
+                record["version"], record["run_id"], {"val_miou": str(record["val_miou"])}
+            )
+            return {"result": res, "version": mv, "record": record}
+    record_path.unlink(missing_ok=True)
     rev = data_revision(params.data.index_path)
     tags = {"srpu.stage": "train", "srpu.data_revision": rev}
     with tracker.start_run("train", params.resolved(), tags) as run_id:
@@ -59,12 +78,24 @@ def run_train(
                 m.update(flat_metrics("val_", {"miou": rec["val_miou"], "iou": rec["val_iou"]}))
             tracker.log_metrics(m, step=rec["epoch"])
 
-        res = train_stage(params, index, progress=progress, callbacks=[log_epoch], **train_kw)
+        res = train_stage(
+            params,
+            index,
+            progress=progress,
+            callbacks=[log_epoch],
+            restart_on_change=True,
+            **train_kw,
+        )
         tracker.log_artifact(res.best_checkpoint, "checkpoint")
         tracker.log_artifact(res.best_checkpoint.with_suffix(".json"), "checkpoint")
         tracker.log_artifact(res.out_dir / "train_metrics.json")
         mv = tracker.log_model(
-            res.best_checkpoint, {"val_miou": str(res.best_miou), "data_revision": rev}
+            res.best_checkpoint,
+            {
+                "val_miou": str(res.best_miou),
+                "data_revision": rev,
+                "val_split": params.train.val_split,
+            },
         )
         tracker.set_alias(CHALLENGER, mv.version)
     record = {
@@ -73,8 +104,9 @@ def run_train(
         "val_miou": res.best_miou,
         "data_revision": rev,
         "registered_model": tracker.registered_model,
+        "checkpoint_sha256": sha256_file(res.best_checkpoint),
     }
-    atomic_write_json(model_record_path(params), record)
+    atomic_write_json(record_path, record)
     return {"result": res, "version": mv, "record": record}
 
 
@@ -84,7 +116,8 @@ def run_evaluate(
     checkpoint: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Score the trained checkpoint on ``evaluate.split``; log into its training run."""
+    """Score a checkpoint on ``evaluate.split``. When it is the registered one (same hash
+    as the training record), the scores and overlays go into its training run."""
     from srpu_pipelines.analysis.evaluate import evaluate_checkpoint
     from srpu_pipelines.data.index import load_index
 
@@ -93,31 +126,80 @@ def run_evaluate(
         params, load_index(params.data.index_path), ckpt, progress=progress
     )
     rec_path = model_record_path(params)
-    if tracker is not None and rec_path.is_file():
-        rec = read_json(rec_path)
-        with tracker.start_run("evaluate", {}, {"srpu.evaluated": "true"}, run_id=rec["run_id"]):
-            tracker.log_metrics(flat_metrics(f"{metrics['split']}_", metrics))
-            out = Path(params.evaluate.out_dir)
-            tracker.log_artifact(out / "metrics.json", "evaluation")
-            for png in sorted((out / "overlays").glob("*.png")):
-                tracker.log_artifact(png, "evaluation/overlays")
+    if tracker is None or not rec_path.is_file():
+        return metrics
+    rec = read_json(rec_path)
+    if rec.get("checkpoint_sha256") != sha256_file(ckpt):
+        log.info("%s is not the registered checkpoint: scores not logged to MLflow", ckpt)
+        return metrics
+    with tracker.start_run("evaluate", {}, {"srpu.evaluated": "true"}, run_id=rec["run_id"]):
+        tracker.log_metrics(flat_metrics(f"eval_{metrics['split']}_", metrics))
+        out = Path(params.evaluate.out_dir)
+        tracker.log_artifact(out / "metrics.json", "evaluation")
+        for png in metrics["overlay_files"]:
+            tracker.log_artifact(png, "evaluation/overlays")
     return metrics
 
 
+def _score_on_current_val(params: Params, tracker: Tracker) -> float:
+    """The champion's mIoU on this index's validation split (its tag was measured on
+    other data)."""
+    import tempfile
+
+    from srpu_pipelines.analysis.evaluate import evaluate_checkpoint
+    from srpu_pipelines.data.index import load_index
+
+    ckpt = tracker.fetch_checkpoint(CHAMPION, Path(params.predict.models_cache))
+    with tempfile.TemporaryDirectory(prefix="srpu-gate-") as tmp:
+        p = params.model_copy(deep=True)
+        p.evaluate.overlays = 0
+        m = evaluate_checkpoint(
+            p,
+            load_index(params.data.index_path),
+            ckpt,
+            split=params.train.val_split,
+            out_dir=tmp,
+            progress=False,
+        )
+    return float(m["miou"])
+
+
 def champion_gate(params: Params, tracker: Tracker) -> dict[str, Any]:
-    """Is the newly trained model at least as good on validation as the champion?"""
+    """Is the newly trained model at least as good on validation as the champion?
+
+    Both are compared on the same validation images: when the champion was scored on
+    another data revision or split, it is re-scored on the current one first.
+    """
     rec = read_json(model_record_path(params))
     champ = tracker.get_alias(CHAMPION)
-    champ_miou = champ.val_miou if champ else None
-    new = float(rec["val_miou"])
-    passed = champ is None or champ_miou is None or new >= champ_miou
-    return {
-        "passed": passed,
+    new = rec.get("val_miou")
+    out: dict[str, Any] = {
         "candidate_version": rec["version"],
         "candidate_val_miou": new,
         "champion_version": champ.version if champ else None,
-        "champion_val_miou": champ_miou,
+        "champion_val_miou": champ.val_miou if champ else None,
+        "reason": "",
     }
+    if champ is None:
+        return {**out, "passed": True, "reason": "no champion yet"}
+    if champ.version == rec["version"]:
+        return {**out, "passed": True, "reason": "already champion"}
+    if new is None or new != new:
+        return {
+            **out,
+            "passed": False,
+            "reason": "the new model has no validation score (no images in the "
+            "train.val_split split): nothing to compare with",
+        }
+    same_data = (
+        champ.tags.get("data_revision") == rec["data_revision"]
+        and champ.tags.get("val_split", params.train.val_split) == params.train.val_split
+    )
+    if not same_data or out["champion_val_miou"] is None:
+        out["champion_val_miou"] = _score_on_current_val(params, tracker)
+        out["reason"] = "champion re-scored on the current validation split"
+    out["passed"] = float(new) >= out["champion_val_miou"]
+    return out
 
 
 def promote(params: Params, tracker: Tracker) -> ModelVersion:

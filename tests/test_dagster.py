@@ -7,7 +7,7 @@ import yaml
 from srpu_pipelines.definitions import ASSETS, CHECKS, defs
 from srpu_pipelines.resources.dagster_resources import MlflowResource, ParamsResource
 from srpu_pipelines.resources.tracking import ModelVersion, RecordingTracker
-from srpu_pipelines.steps import CHAMPION
+from srpu_pipelines.steps import CHAMPION, run_index
 from tests.conftest import tiny_params_dict
 
 FAKE = RecordingTracker()
@@ -63,12 +63,15 @@ def test_materialize_everything(resources):
     run = FAKE.runs[FAKE.versions[0].run_id]
     assert run["params"]["train"]["epochs"] == 2 and run["tags"]["srpu.data_revision"]
     assert any("val_miou" in m for _, m in run["metrics"])  # per epoch
-    assert any(k.startswith("test_iou.") for _, m in run["metrics"] for k in m)
+    assert any(k.startswith("eval_test_iou.") for _, m in run["metrics"] for k in m)
 
 
 def test_blocking_gate_keeps_a_better_champion(resources):
     res, _ = resources
-    FAKE.versions.append(ModelVersion("7", "old", {"val_miou": "2.0"}))  # unbeatable
+    params = res["params"].load()
+    rev = run_index(params, progress=False)["revision"]
+    # an unbeatable champion, scored on the same validation images
+    FAKE.versions.append(ModelVersion("7", "old", {"val_miou": "2.0", "data_revision": rev}))
     FAKE.aliases[CHAMPION] = "7"
     result = dg.materialize([*ASSETS, *CHECKS], resources=res, raise_on_error=False)
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}

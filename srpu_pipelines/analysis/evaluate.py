@@ -90,6 +90,10 @@ def evaluate_checkpoint(
         raise ValueError(f"evaluate.split {split!r}: no labelled images in this split")
     model, cfg = load_checked(params, checkpoint)
     codec = MaskCodec.from_params(params)
+    # overlays of an earlier evaluation (another split, more pictures) would pass as new
+    for old in (out / "overlays").glob("*.png"):
+        old.unlink()
+    overlay_files: list[str] = []
     overall = ConfusionAccumulator(params.num_classes)
     per_ds: dict[str, ConfusionAccumulator] = {}
     per_image = []
@@ -109,7 +113,9 @@ def evaluate_checkpoint(
         per_image.append({"id": s.id, "miou": sc["miou"], "iou": sc["iou"]})
         if shown < params.evaluate.overlays:
             fig = overlay_figure(s.image, codec.to_color(s.mask), codec.to_color(pred))
-            _save_png(out / "overlays" / f"{_safe_name(s.id)}.png", fig)
+            png = out / "overlays" / f"{_safe_name(s.id)}.png"
+            _save_png(png, fig)
+            overlay_files.append(str(png))
             shown += 1
     metrics = {
         "split": split,
@@ -118,6 +124,7 @@ def evaluate_checkpoint(
         **overall.scores(params.class_names),
         "per_dataset": {k: v.scores(params.class_names) for k, v in sorted(per_ds.items())},
         "per_image": per_image,
+        "overlay_files": overlay_files,
     }
     atomic_write_json(out / "metrics.json", metrics)
     return metrics

@@ -9,7 +9,7 @@ import dagster as dg
 from srpu_pipelines.assets._metadata import image_preview, iou_table
 from srpu_pipelines.assets.training import trained_model
 from srpu_pipelines.resources.dagster_resources import MlflowResource, ParamsResource
-from srpu_pipelines.steps import champion_gate, promote, run_evaluate
+from srpu_pipelines.steps import CHAMPION, champion_gate, run_evaluate, run_promote
 
 
 @dg.asset(
@@ -29,9 +29,8 @@ def evaluation(params: ParamsResource, mlflow: MlflowResource) -> dg.Materialize
         "per_class": iou_table(m),
         "metrics": dg.MetadataValue.path(str(Path(p.evaluate.out_dir) / "metrics.json")),
     }
-    overlays = sorted((Path(p.evaluate.out_dir) / "overlays").glob("*.png"))
-    if overlays:
-        meta["overlay"] = image_preview(overlays[0])
+    if m["overlay_files"]:
+        meta["overlay"] = image_preview(m["overlay_files"][0])
     return dg.MaterializeResult(metadata=meta)
 
 
@@ -52,7 +51,7 @@ def not_worse_than_champion(params: ParamsResource, mlflow: MlflowResource) -> d
     return dg.AssetCheckResult(
         passed=g["passed"],
         metadata={k: v for k, v in g.items() if v is not None and k != "passed"},
-        description="no champion yet" if g["champion_version"] is None else None,
+        description=g["reason"] or None,
     )
 
 
@@ -67,12 +66,16 @@ def champion_model(params: ParamsResource, mlflow: MlflowResource) -> dg.Materia
     tracker = mlflow.tracker(p)
     if tracker is None:
         raise dg.Failure("tracking.enabled is false: no registry to promote in")
-    mv = promote(p, tracker)  # the blocking check above has passed, or this would not run
+    # the blocking check above has passed, or this would not run; run_promote re-checks
+    # and writes the decision where `srpu promote` (DVC) writes it
+    g = run_promote(p, tracker)
+    mv = tracker.get_alias(CHAMPION)
     return dg.MaterializeResult(
         metadata={
             "registered_model": tracker.registered_model,
-            "version": mv.version,
-            "val_miou": mv.val_miou,
+            "version": mv.version if mv else None,
+            "promoted": g["passed"],
+            "val_miou": mv.val_miou if mv else None,
             "uri": f"models:/{tracker.registered_model}@champion",
         }
     )

@@ -207,9 +207,12 @@ class MlflowTracker(Tracker):
         mv = self.get_alias(alias)
         if mv is None:
             raise LookupError(f"model {self.registered_model!r} has no {alias!r} version yet")
-        target = Path(dest) / f"v{mv.version}"
+        # keyed by model name, version and run: another store or model reuses version numbers
+        target = Path(dest) / self.registered_model / f"v{mv.version}-{mv.run_id}"
         if not target.is_dir():  # versions are immutable: a copy once fetched stays valid
-            tmp = Path(dest) / f".v{mv.version}.partial"
+            tmp = target.with_name(f".{target.name}.partial")
+            if tmp.exists():
+                shutil.rmtree(tmp)  # an interrupted download
             tmp.mkdir(parents=True, exist_ok=True)
             self._mlflow.artifacts.download_artifacts(
                 artifact_uri=f"models:/{self.registered_model}/{mv.version}", dst_path=str(tmp)

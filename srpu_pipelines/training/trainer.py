@@ -49,6 +49,7 @@ class TrainResult:
     train_seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed: bool = False
+    trained: bool = True
 
     @property
     def best_checkpoint(self) -> Path:
@@ -110,6 +111,40 @@ def _fingerprint(params: Params, train_items: list, val_items: list, init: str |
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
+def _init_path(params: Params, init_weights: str | Path | None) -> str | None:
+    if init_weights:
+        return str(init_weights)
+    return str(params.model.weights) if params.model.weights else None
+
+
+def is_finished(
+    params: Params,
+    index: dict[str, Any],
+    out_dir: str | Path | None = None,
+    init_weights: str | Path | None = None,
+    max_steps: int | None = None,
+) -> bool:
+    """True when ``train_stage`` with these arguments would find its run done and train
+    nothing (a finished ``last.pt`` with the same settings and data)."""
+    tp = params.train
+    last = Path(out_dir or tp.out_dir) / "last.pt"
+    if not (tp.resume and last.is_file()):
+        return False
+    state, _ = read_checkpoint(last)
+    fp = _fingerprint(
+        params,
+        select_items(index, tp.splits),
+        select_items(index, [tp.val_split]),
+        _init_path(params, init_weights),
+    )
+    total = max_steps or tp.epochs * tp.steps_per_epoch
+    return (
+        state.get("fingerprint") == fp
+        and bool(state.get("finished"))
+        and (int(state["step"]) >= total)
+    )
+
+
 def train_stage(
     params: Params,
     index: dict[str, Any],
@@ -119,10 +154,14 @@ def train_stage(
     max_steps: int | None = None,
     callbacks: list[EpochCallback] | None = None,
     progress: bool = True,
+    restart_on_change: bool = False,
 ) -> TrainResult:
     """Train one stage on ``train.splits`` of ``index``; validate on ``train.val_split``.
 
     ``budget_s`` / ``max_steps`` override ``train.budget_s`` and epochs x steps_per_epoch.
+    A ``last.pt`` from other settings or data is an error, unless ``restart_on_change``
+    (the orchestrated path, where every finished model is already in the registry): then
+    training starts over in the same folder. ``result.trained`` says whether any step ran.
     """
     tp = params.train
     out = Path(out_dir or tp.out_dir)
@@ -136,11 +175,7 @@ def train_stage(
     val_items = select_items(index, [tp.val_split])
     if not train_items:
         raise ValueError(f"train.splits {tp.splits}: no labelled images in these splits")
-    init = (
-        str(init_weights)
-        if init_weights
-        else (str(params.model.weights) if params.model.weights else None)
-    )
+    init = _init_path(params, init_weights)
     fp = _fingerprint(params, train_items, val_items, init)
     model = model_from_params(params.model, params.num_classes, weights=init)
     opt = torch.optim.AdamW(model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
@@ -150,8 +185,12 @@ def train_stage(
 
     step, epoch, best, best_epoch, elapsed0, history, resumed = 0, 0, -math.inf, -1, 0.0, [], False
     last_path = out / "last.pt"
-    if tp.resume and last_path.is_file():
-        state, _ = read_checkpoint(last_path)
+    state = read_checkpoint(last_path)[0] if tp.resume and last_path.is_file() else None
+    if state is not None and state.get("fingerprint") != fp and restart_on_change:
+        log.info("%s: settings or data changed; training starts over", last_path)
+        state = None
+        (out / "best.json").unlink(missing_ok=True)  # its score belongs to the old run
+    if state is not None:
         if state.get("fingerprint") != fp:
             raise ValueError(
                 f"{last_path}: holds a run with other settings or data; set train.out_dir to a "
@@ -171,7 +210,9 @@ def train_stage(
         log.info("resumed %s at epoch %d, step %d (best mIoU %.4f)", last_path, epoch, step, best)
         if bool(state.get("finished")) and step >= total_steps:
             best_miou = best if val_items else math.nan
-            return TrainResult(out, best_miou, best_epoch, epoch, step, elapsed0, history, True)
+            return TrainResult(
+                out, best_miou, best_epoch, epoch, step, elapsed0, history, True, trained=False
+            )
 
     train_samples = load_samples(train_items, codec, "load train", progress)
     val_samples = load_samples(val_items, codec, "load val", progress)
@@ -193,6 +234,7 @@ def train_stage(
     def out_of_budget() -> bool:
         return step >= total_steps or (budget is not None and elapsed() >= budget)
 
+    start_step = step
     while not out_of_budget():
         sampler.set_epoch(epoch)
         model.train()
@@ -277,6 +319,16 @@ def train_stage(
         for cb in callbacks or []:
             cb(rec)
     best_miou = best if val_samples else math.nan
-    result = TrainResult(out, best_miou, best_epoch, epoch, step, elapsed(), history, resumed)
+    result = TrainResult(
+        out,
+        best_miou,
+        best_epoch,
+        epoch,
+        step,
+        elapsed(),
+        history,
+        resumed,
+        trained=step > start_step,
+    )
     atomic_write_json(out / "train_metrics.json", result.summary())
     return result
