@@ -57,7 +57,11 @@ def run_train(
         record_path.unlink(missing_ok=True)  # it would describe a checkpoint about to change
         res = train_stage(params, index, progress=progress, **train_kw)
         return {"result": res, "version": None, "record": None}
-    kw = {k: train_kw[k] for k in ("out_dir", "init_weights", "max_steps") if k in train_kw}
+    kw = {
+        k: train_kw[k]
+        for k in ("out_dir", "init_weights", "max_steps", "budget_s")
+        if k in train_kw
+    }
     if record_path.is_file() and is_finished(params, index, **kw):
         record = read_json(record_path)
         best = Path(params.train.out_dir) / "best.pt"

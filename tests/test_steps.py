@@ -72,3 +72,10 @@ def test_evaluate_logs_only_the_registered_checkpoint(ready):
         params.train.out_dir / "last.pt"
     ).read_bytes()
     assert len(t.runs["run0"]["metrics"]) == logged + (1 if best_is_last else 0)
+
+
+def test_rerun_of_a_time_budgeted_run_registers_nothing_new(ready):
+    params, t = ready
+    run_train(params, t, progress=False, budget_s=0.01, max_steps=10**6)
+    again = run_train(params, t, progress=False, budget_s=0.01, max_steps=10**6)
+    assert len(t.versions) == 1 and not again["result"].trained

@@ -123,6 +123,7 @@ def is_finished(
     out_dir: str | Path | None = None,
     init_weights: str | Path | None = None,
     max_steps: int | None = None,
+    budget_s: float | None = None,
 ) -> bool:
     """True when ``train_stage`` with these arguments would find its run done and train
     nothing (a finished ``last.pt`` with the same settings and data)."""
@@ -138,11 +139,11 @@ def is_finished(
         _init_path(params, init_weights),
     )
     total = max_steps or tp.epochs * tp.steps_per_epoch
-    return (
-        state.get("fingerprint") == fp
-        and bool(state.get("finished"))
-        and (int(state["step"]) >= total)
+    budget = budget_s if budget_s is not None else tp.budget_s
+    done = int(state["step"]) >= total or (
+        budget is not None and float(state["elapsed_s"]) >= budget
     )
+    return state.get("fingerprint") == fp and bool(state.get("finished")) and done
 
 
 def train_stage(
