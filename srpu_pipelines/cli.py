@@ -122,17 +122,20 @@ def cmd_promote(params: Params, args: argparse.Namespace) -> int:
         raise ValueError("tracking.enabled is false: there is no registry to promote in")
     g = run_promote(params, tracker)
     name = tracker.registered_model
+
+    def score(v: float | None) -> str:
+        return "none" if v is None else f"{v:.4f}"
+
     if g["passed"]:
         print(
-            f"{name} version {g['candidate_version']} is now champion "
-            f"(val mIoU {g['candidate_val_miou']:.4f}; previous champion: "
-            f"{g['champion_version'] or 'none'})"
+            f"{name} version {g['candidate_version']} is champion (val mIoU "
+            f"{score(g['candidate_val_miou'])}; {g['reason'] or 'not below the champion'})"
         )
     else:
         print(
             f"kept champion version {g['champion_version']} (val mIoU "
-            f"{g['champion_val_miou']:.4f}); candidate {g['candidate_version']} scored "
-            f"{g['candidate_val_miou']:.4f}"
+            f"{score(g['champion_val_miou'])}); candidate {g['candidate_version']} scored "
+            f"{score(g['candidate_val_miou'])}" + (f": {g['reason']}" if g["reason"] else "")
         )
     return 0
 

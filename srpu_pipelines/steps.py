@@ -206,20 +206,12 @@ def champion_gate(params: Params, tracker: Tracker) -> dict[str, Any]:
     return out
 
 
-def promote(params: Params, tracker: Tracker) -> ModelVersion:
-    """Give the newly trained version the ``champion`` alias (call only after the gate)."""
-    rec = read_json(model_record_path(params))
-    tracker.set_alias(CHAMPION, rec["version"])
-    got = tracker.get_alias(CHAMPION)
-    assert got is not None
-    return got
-
-
 def run_promote(params: Params, tracker: Tracker) -> dict[str, Any]:
-    """Gate, then promote when it passes; the decision is written to the train folder."""
+    """Gate, then give the new version the ``champion`` alias when it passes; the decision
+    is written to ``evaluate.out_dir/promotion.json``."""
     gate = champion_gate(params, tracker)
     if gate["passed"]:
-        promote(params, tracker)
+        tracker.set_alias(CHAMPION, gate["candidate_version"])
     atomic_write_json(Path(params.evaluate.out_dir) / "promotion.json", gate)
     return gate
 

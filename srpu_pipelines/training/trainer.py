@@ -117,6 +117,14 @@ def _init_path(params: Params, init_weights: str | Path | None) -> str | None:
     return str(params.model.weights) if params.model.weights else None
 
 
+def _run_done(state: dict[str, Any], total_steps: int, budget: float | None) -> bool:
+    """A saved run that ended on its step or time budget: resuming it trains nothing."""
+    hit = int(state["step"]) >= total_steps or (
+        budget is not None and float(state["elapsed_s"]) >= budget
+    )
+    return bool(state.get("finished")) and hit
+
+
 def is_finished(
     params: Params,
     index: dict[str, Any],
@@ -140,10 +148,7 @@ def is_finished(
     )
     total = max_steps or tp.epochs * tp.steps_per_epoch
     budget = budget_s if budget_s is not None else tp.budget_s
-    done = int(state["step"]) >= total or (
-        budget is not None and float(state["elapsed_s"]) >= budget
-    )
-    return state.get("fingerprint") == fp and bool(state.get("finished")) and done
+    return state.get("fingerprint") == fp and _run_done(state, total, budget)
 
 
 def train_stage(
@@ -209,7 +214,7 @@ def train_stage(
             if float(saved.get("score", -math.inf)) > best:
                 best, best_epoch = float(saved["score"]), int(saved["epoch"])
         log.info("resumed %s at epoch %d, step %d (best mIoU %.4f)", last_path, epoch, step, best)
-        if bool(state.get("finished")) and step >= total_steps:
+        if _run_done(state, total_steps, budget):
             best_miou = best if val_items else math.nan
             return TrainResult(
                 out, best_miou, best_epoch, epoch, step, elapsed0, history, True, trained=False
