@@ -73,6 +73,7 @@ mlflow-ui: setup
 # The same stages through DVC (serialised: DVC takes a repository lock).
 repro: setup
 	$(SRPU) demo-data
+	$(SRPU) -q stages --write-dvc
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
 
 lint: setup

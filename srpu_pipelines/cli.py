@@ -72,13 +72,17 @@ def cmd_train(params: Params, args: argparse.Namespace) -> int:
 
     if args.out:
         params.train.out_dir = Path(args.out)
+    kw = {"init_weights": args.init} if args.init else {}
+    if args.init and not args.stage and len(params.stages) > 1:
+        raise ParamsError("--init applies to one stage: give --stage NAME as well")
     out = run_train(
         params,
         _tracker(params),
         progress=not args.quiet,
-        init_weights=args.init,
+        stage=args.stage,
         budget_s=args.budget_s,
         max_steps=args.steps,
+        **kw,
     )
     res = out["result"]
     val = (
@@ -87,7 +91,8 @@ def cmd_train(params: Params, args: argparse.Namespace) -> int:
         else "no validation images (best = lowest loss)"
     )
     print(
-        f"trained {res.steps} steps in {res.train_seconds:.0f}s "
+        f"stage {out['stage']}: {'trained' if res.trained else 'up to date,'} "
+        f"{res.steps} steps in {res.train_seconds:.0f}s "
         f"({'resumed, ' if res.resumed else ''}{res.epochs} epochs); {val}; "
         f"checkpoint {res.best_checkpoint}"
     )
@@ -95,6 +100,53 @@ def cmd_train(params: Params, args: argparse.Namespace) -> int:
         print(
             f"MLflow run {out['record']['run_id']}; registered "
             f"{out['record']['registered_model']} version {out['version'].version} (challenger)"
+        )
+    return 0
+
+
+def cmd_pretrain(params: Params, args: argparse.Namespace) -> int:
+    from srpu_pipelines.steps import run_pretrain
+
+    out = run_pretrain(
+        params,
+        _tracker(params),
+        progress=not args.quiet,
+        budget_s=args.budget_s,
+        max_steps=args.steps,
+    )
+    res = out["result"]
+    loss = f"final loss {res.history[-1]['loss']:.4f}" if res.history else "no epoch"
+    print(
+        f"MAE ({res.method}) on {res.images} images: "
+        f"{'trained' if res.trained else 'up to date,'} {res.steps} steps in "
+        f"{res.seconds:.0f}s, {loss}; encoder {res.encoder_checkpoint}; pictures "
+        f"{res.reconstructions}"
+    )
+    if out["record"] is not None:
+        print(f"MLflow run {out['record']['run_id']}")
+    return 0
+
+
+def cmd_stages(params: Params, args: argparse.Namespace) -> int:
+    from srpu_pipelines.steps import stage_params
+
+    if args.write_dvc or args.check_dvc:
+        from srpu_pipelines.dvc_stages import sync_dvc_yaml
+
+        changed = sync_dvc_yaml(params, Path(args.dvc_file), write=args.write_dvc)
+        if args.check_dvc and changed:
+            raise ValueError(
+                f"{args.dvc_file}: its training stages differ from the params stages; "
+                "run `srpu stages --write-dvc`"
+            )
+        print(f"{args.dvc_file}: {'updated' if changed and args.write_dvc else 'in step'}")
+        return 0
+    for i, st in enumerate(params.stages):
+        tp = stage_params(params, st.name).train
+        budget = f"{tp.budget_s:.0f}s" if tp.budget_s else f"{tp.epochs}x{tp.steps_per_epoch} steps"
+        print(
+            f"{i + 1}. {st.name}: from {st.init}, encoder {tp.encoder}, lr {tp.lr:g}, {budget}, "
+            f"splits {tp.splits}{', semi-supervised' if tp.semi.enabled else ''} -> {tp.out_dir}"
         )
     return 0
 
@@ -160,8 +212,24 @@ def cmd_predict(params: Params, args: argparse.Namespace) -> int:
 
 
 def cmd_bench(params: Params, args: argparse.Namespace) -> int:
-    from srpu_pipelines.bench import bench_supervised
+    from srpu_pipelines.bench import bench_ssl, bench_supervised
 
+    if args.bench == "ssl":
+        if args.budget_s is None and args.steps is None:
+            raise ParamsError("bench ssl: give --budget-s and/or --steps (per fine-tuning run)")
+        res = bench_ssl(
+            params,
+            ks=args.k,
+            seeds=args.seeds,
+            budget_s=args.budget_s,
+            steps=args.steps,
+            mae_budget_s=args.mae_budget_s,
+            mae_steps=args.mae_steps,
+            work_dir=Path(args.work_dir),
+            progress=not args.quiet,
+        )
+        print(json.dumps(res, indent=2))
+        return 0
     if args.budget_s is None and args.steps is None:
         raise ParamsError("bench supervised: give --budget-s and/or --steps")
     res = bench_supervised(
@@ -194,9 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="scan data.datasets, validate, split, write the index JSON")
     p.set_defaults(func=cmd_index)
 
-    p = sub.add_parser("train", help="train one stage on the index (train.*)")
-    p.add_argument("--out", help="output folder (default train.out_dir)")
-    p.add_argument("--init", help="start from this local state_dict (model or encoder)")
+    p = sub.add_parser(
+        "pretrain", help="MAE-pretrain the encoder on unlabelled images (pretrain.*)"
+    )
+    p.add_argument("--budget-s", type=float, help="wall-clock budget (default pretrain.budget_s)")
+    p.add_argument("--steps", type=int, help="step budget (default epochs x steps_per_epoch)")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("train", help="train the stages in order, or one (stages, train.*)")
+    p.add_argument("--stage", help="train only this stage (default: every stage in order)")
+    p.add_argument("--out", help="root output folder (default train.out_dir)")
+    p.add_argument("--init", help="start from this local state_dict instead (with --stage)")
     p.add_argument("--budget-s", type=float, help="wall-clock budget (default train.budget_s)")
     p.add_argument("--steps", type=int, help="step budget (default epochs x steps_per_epoch)")
     p.set_defaults(func=cmd_train)
@@ -208,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         p.add_argument(
             "--checkpoint",
-            help="model .pt (default: evaluate: train.out_dir/"
+            help="model .pt (default: evaluate: the final stage folder/"
             "<evaluate.checkpoint>.pt; predict: as predict.source says)",
         )
         p.add_argument("--out", help=f"output folder (default {name}.out_dir)")
@@ -217,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--input", help="folder of images (default predict.input_dir)")
         p.set_defaults(func=fn)
+
+    p = sub.add_parser("stages", help="list the training stages; keep dvc.yaml in step")
+    p.add_argument("--write-dvc", action="store_true", help="rewrite dvc.yaml's stage entries")
+    p.add_argument("--check-dvc", action="store_true", help="fail when dvc.yaml is out of step")
+    p.add_argument("--dvc-file", default="dvc.yaml")
+    p.set_defaults(func=cmd_stages)
 
     p = sub.add_parser(
         "promote",
@@ -231,6 +313,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, help="training steps per seed (with or instead of time)")
     b.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
     b.add_argument("--work-dir", default="outputs/bench", help="where runs are written")
+    b.set_defaults(func=cmd_bench)
+    b = bsub.add_parser(
+        "ssl",
+        help="k labelled images: scratch vs MAE encoder vs MAE + semi-supervised, test mIoU",
+    )
+    b.add_argument("--k", type=int, nargs="+", default=[1, 2, 4], help="labelled images")
+    b.add_argument("--budget-s", type=float, help="wall-clock seconds per fine-tuning run")
+    b.add_argument("--steps", type=int, help="step cap per fine-tuning run")
+    b.add_argument("--mae-budget-s", type=float, default=None, help="MAE pretraining seconds")
+    b.add_argument("--mae-steps", type=int, default=None, help="MAE pretraining steps")
+    b.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
+    b.add_argument("--work-dir", default="outputs/bench/ssl", help="where runs are written")
     b.set_defaults(func=cmd_bench)
     return ap
 

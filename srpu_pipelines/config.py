@@ -135,6 +135,38 @@ class LossParams(_Strict):
         return self
 
 
+class SemiParams(_Strict):
+    """Semi-supervised training on the unlabelled pool (FixMatch-style): the model's own
+    prediction on a weakly augmented tile is the target, where it is confident, for the
+    same tile strongly augmented (photometric changes and cut-out)."""
+
+    enabled: bool = False
+    threshold: float = Field(
+        default=0.9, gt=0, lt=1, description="pseudo-label where max softmax >= this"
+    )
+    weight: float = Field(default=1.0, ge=0, description="unlabelled loss weight")
+    batch_size: int | None = Field(
+        default=None, ge=1, description="unlabelled tiles per step (null = half train.batch_size)"
+    )
+    class_balance: bool = Field(
+        default=True,
+        description="weight pseudo-labelled pixels by inverse class share (rare phases)",
+    )
+    rampup_steps: int = Field(
+        default=20, ge=0, description="the unlabelled weight rises linearly over these steps"
+    )
+    include_labeled_splits: list[str] = Field(
+        default_factory=list,
+        description="labelled splits whose images (not masks) join the unlabelled pool",
+    )
+    cutout: float = Field(
+        default=0.25, ge=0, lt=1, description="side of the cut-out square, share of the tile"
+    )
+    strength: float = Field(
+        default=0.4, ge=0, le=1, description="photometric strength of the strong augmentation"
+    )
+
+
 class TrainParams(_Strict):
     out_dir: Path = Path("outputs/train")
     epochs: int = Field(default=20, ge=1)
@@ -158,6 +190,92 @@ class TrainParams(_Strict):
         default="auto", description="auto: bfloat16 autocast where the CPU supports it natively"
     )
     threads: int = Field(default=0, ge=0, description="torch threads; 0 = all cores")
+    datasets: list[str] | None = Field(
+        default=None, description="sub-datasets to train on (null = all of data.datasets)"
+    )
+    encoder: Literal["full", "frozen", "differential"] = Field(
+        default="full",
+        description="full: encoder trains at lr; frozen: fixed weights and BN statistics; "
+        "differential: encoder at lr x encoder_lr_mult",
+    )
+    encoder_lr_mult: float = Field(default=0.1, gt=0, le=1)
+    semi: SemiParams = SemiParams()
+
+
+class PretrainParams(_Strict):
+    """Masked-image-modelling pretraining (MAE) of the segmentation model's encoder.
+
+    ``method: auto`` picks ``vit`` (true MAE: masked patches dropped) for ViT encoders and
+    ``cnn`` (SparK / FCMAE-style: masked patches zeroed and kept zero after every
+    convolution) for CNN encoders."""
+
+    out_dir: Path = Path("outputs/mae")
+    method: Literal["auto", "cnn", "vit"] = "auto"
+    mask_ratio: float = Field(default=0.6, gt=0, lt=1)
+    patch_size: int = Field(
+        default=32,
+        ge=4,
+        description="masking patch side in px; a multiple of the encoder's output stride "
+        "(cnn) or patch size (vit)",
+    )
+    epochs: int = Field(default=10, ge=1)
+    steps_per_epoch: int = Field(default=20, ge=1)
+    budget_s: float | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=8, ge=1)
+    tile_size: int = Field(default=128, ge=32, multiple_of=32)
+    lr: float = Field(default=1.5e-3, gt=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    warmup_steps: int = Field(default=10, ge=0)
+    min_lr_ratio: float = Field(default=0.02, ge=0, le=1)
+    decoder_dim: int = Field(default=128, ge=8)
+    decoder_depth: int = Field(default=2, ge=1, le=8)
+    norm_pix_loss: bool = Field(default=True, description="targets normalised per patch")
+    splits: list[str] = Field(
+        default_factory=lambda: ["train", "val"],
+        description="labelled splits whose images (not masks) join the pool",
+    )
+    use_pool: bool = Field(default=True, description="train on the unlabelled pool images")
+    reconstructions: int = Field(default=4, ge=0, description="pictures written at the end")
+    resume: bool = True
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+
+    @model_validator(mode="after")
+    def _tiles(self) -> PretrainParams:
+        if self.tile_size % self.patch_size:
+            raise ValueError(
+                f"pretrain.tile_size ({self.tile_size}) must be a multiple of "
+                f"pretrain.patch_size ({self.patch_size})"
+            )
+        return self
+
+
+_INIT_HELP = "random | mae | previous | alias:<registry alias> | file:<path>"
+
+
+class StageSpec(_Strict):
+    """One training stage: ``train`` overrides keys of the top-level ``train`` section."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
+    init: str = Field(default="random", description=_INIT_HELP)
+    train: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("init")
+    @classmethod
+    def _init(cls, v: str) -> str:
+        kind, _, arg = v.partition(":")
+        if kind in ("random", "mae", "previous") and not arg:
+            return v
+        if kind in ("alias", "file") and arg:
+            return v
+        raise ValueError(f"unknown start {v!r}; valid: {_INIT_HELP}")
+
+    @property
+    def init_kind(self) -> str:
+        return self.init.partition(":")[0]
+
+    @property
+    def init_arg(self) -> str:
+        return self.init.partition(":")[2]
 
 
 class InferenceParams(_Strict):
@@ -227,6 +345,36 @@ class Params(_Strict):
     predict: PredictParams = PredictParams()
     demo: DemoParams = DemoParams()
     tracking: TrackingParams = TrackingParams()
+    pretrain: PretrainParams = PretrainParams()
+    stages: list[StageSpec] = Field(
+        default_factory=lambda: [StageSpec(name="train")],
+        min_length=1,
+        description="training stages in order; the last one is the model that is evaluated",
+    )
+
+    @model_validator(mode="after")
+    def _stages(self) -> Params:
+        names = [s.name for s in self.stages]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"stages: names must be unique, repeated: {dup}")
+        if self.stages[0].init_kind == "previous":
+            raise ValueError(f"stages.0 ({names[0]}): init: previous needs a stage before it")
+        outs: dict[str, str] = {str(Path(self.pretrain.out_dir)): "pretrain.out_dir"}
+        for i, st in enumerate(self.stages):
+            tp = stage_train(self, st, where=f"stages.{i}.train")
+            cw = tp.loss.class_weights
+            if cw is not None and len(cw) != len(self.classes):
+                raise ValueError(
+                    f"stages.{i}.train.loss.class_weights needs {len(self.classes)} entries"
+                )
+            key = str(Path(tp.out_dir))
+            if key in outs:
+                raise ValueError(
+                    f"stages.{i} ({st.name}): output folder {key} is also {outs[key]}'s"
+                )
+            outs[key] = f"stages.{i}.train.out_dir"
+        return self
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:
@@ -262,9 +410,38 @@ class Params(_Strict):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def stage(self, name: str) -> StageSpec:
+        for st in self.stages:
+            if st.name == name:
+                return st
+        raise ValueError(f"no training stage {name!r}; stages: {[s.name for s in self.stages]}")
+
     def resolved(self) -> dict[str, Any]:
         """The parameters as plain JSON-able data (for logging with a run)."""
         return json.loads(self.model_dump_json())
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def stage_train(params: Params, stage: StageSpec, where: str = "train") -> TrainParams:
+    """The top-level ``train`` section with ``stage.train`` merged over it; the default
+    output folder is ``train.out_dir/<stage name>``. Bad keys raise naming ``where``."""
+    base = params.train.model_dump(mode="json")
+    base["out_dir"] = str(Path(params.train.out_dir) / stage.name)
+    try:
+        return TrainParams.model_validate(_merge(base, stage.train))
+    except ValidationError as e:
+        bad = [
+            f"{where}.{'.'.join(str(p) for p in err['loc'])}: "
+            + ("unknown key" if err["type"] == "extra_forbidden" else err["msg"])
+            for err in e.errors()
+        ]
+        raise ValueError("; ".join(bad)) from None
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

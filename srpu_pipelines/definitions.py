@@ -1,4 +1,9 @@
-"""The one Dagster ``Definitions`` of SRPU (loaded by workspace.yaml and [tool.dagster])."""
+"""The one Dagster ``Definitions`` of SRPU (loaded by workspace.yaml and [tool.dagster]).
+
+Training stages come from params.yaml (``stages``): one asset per stage, built when the
+code location loads. The params file is ``$SRPU_PARAMS`` or ``params.yaml`` in the working
+directory; after editing its stage list, reload the code location (the UI's "Reload").
+"""
 
 from __future__ import annotations
 
@@ -7,28 +12,55 @@ import os
 import dagster as dg
 
 from srpu_pipelines.assets.data import dataset_index, masks_decode_and_fit, splits_hold_every_class
-from srpu_pipelines.assets.evaluation import champion_model, evaluation, not_worse_than_champion
+from srpu_pipelines.assets.evaluation import (
+    champion_model,
+    evaluation_asset,
+    not_worse_than_champion,
+)
 from srpu_pipelines.assets.predictions import predictions
-from srpu_pipelines.assets.training import trained_model
-from srpu_pipelines.resources.dagster_resources import MlflowResource, ParamsResource
+from srpu_pipelines.assets.pretraining import mae_encoder
+from srpu_pipelines.assets.training import stage_assets
+from srpu_pipelines.config import Params, load_params
+from srpu_pipelines.resources.dagster_resources import MlflowResource, ParamsResource, params_path
+from srpu_pipelines.steps import stage_asset_name, uses_mae
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-ASSETS = [dataset_index, trained_model, evaluation, champion_model, predictions]
 CHECKS = [masks_decode_and_fit, splits_hold_every_class, not_worse_than_champion]
 
-# Object selections, not strings: string selections go through Dagster's ANTLR parser.
-pipeline_job = dg.define_asset_job(
-    "srpu_pipeline",
-    selection=dg.AssetSelection.all(),
-    description="index -> train -> evaluate -> (gate) -> promote -> predict",
-)
 
-defs = dg.Definitions(
-    assets=ASSETS,
-    asset_checks=CHECKS,
-    jobs=[pipeline_job],
-    resources={"params": ParamsResource(), "mlflow": MlflowResource()},
-    # 2 cores: the multiprocess executor costs more than the work (STACK_NOTES)
-    executor=dg.in_process_executor,
-)
+def pipeline_assets(params: Params) -> list[dg.AssetsDefinition]:
+    """Every asset for ``params``: index, the MAE encoder (when a stage starts from it),
+    one per training stage, evaluation, champion, predictions."""
+    final = stage_asset_name(params.stages[-1].name)
+    return [
+        dataset_index,
+        *([mae_encoder] if uses_mae(params) else []),
+        *stage_assets(params),
+        evaluation_asset(final),
+        champion_model,
+        predictions,
+    ]
+
+
+def build_definitions(params: Params) -> dg.Definitions:
+    # Object selections, not strings: string selections go through Dagster's ANTLR parser.
+    job = dg.define_asset_job(
+        "srpu_pipeline",
+        selection=dg.AssetSelection.all(),
+        description="index -> MAE encoder -> training stages -> evaluate -> (gate) -> "
+        "promote -> predict",
+    )
+    return dg.Definitions(
+        assets=pipeline_assets(params),
+        asset_checks=CHECKS,
+        jobs=[job],
+        resources={"params": ParamsResource(), "mlflow": MlflowResource()},
+        # 2 cores: the multiprocess executor costs more than the work (STACK_NOTES)
+        executor=dg.in_process_executor,
+    )
+
+
+PARAMS = load_params(params_path())
+ASSETS = pipeline_assets(PARAMS)
+defs = build_definitions(PARAMS)

@@ -44,6 +44,9 @@ def main(params_path: str = "params.yaml") -> int:
             f"latest model on split {m['split']}: mIoU {m['miou']:.4f} "
             f"({metrics}, overlays in {metrics.parent / 'overlays'})"
         )
+    rec = Path(params.pretrain.out_dir) / "reconstructions.png"
+    if rec.is_file():
+        lines.append(f"MAE encoder reconstructions (input | masked | reconstruction): {rec}")
     lines += [
         f"predicted masks: {params.predict.out_dir}",
         "",

@@ -26,8 +26,48 @@ def data_revision(index_path: str | Path) -> str:
     return hashlib.sha256(Path(index_path).read_bytes()).hexdigest()[:16]
 
 
-def model_record_path(params: Params) -> Path:
-    return Path(params.train.out_dir) / "model_version.json"
+def stage_params(params: Params, name: str) -> Params:
+    """``params`` with ``train`` replaced by stage ``name``'s merged training settings."""
+    from srpu_pipelines.config import stage_train
+
+    st = params.stage(name)
+    return params.model_copy(update={"train": stage_train(params, st)})
+
+
+def stage_dir(params: Params, name: str) -> Path:
+    return Path(stage_params(params, name).train.out_dir)
+
+
+def stage_asset_name(stage: str) -> str:
+    """Dagster asset key and DVC stage name of training stage ``stage``."""
+    return f"train_{stage}"
+
+
+def uses_mae(params: Params) -> bool:
+    """Does a stage start from the MAE encoder (so the pipeline has an mae_encoder step)?"""
+    return any(s.init_kind == "mae" for s in params.stages)
+
+
+def final_stage(params: Params) -> str:
+    """The last training stage: its best checkpoint is the model that is evaluated,
+    registered and promoted."""
+    return params.stages[-1].name
+
+
+def final_dir(params: Params) -> Path:
+    return stage_dir(params, final_stage(params))
+
+
+def final_val_split(params: Params) -> str:
+    return stage_params(params, final_stage(params)).train.val_split
+
+
+def model_record_path(params: Params, stage: str | None = None) -> Path:
+    return stage_dir(params, stage or final_stage(params)) / "model_version.json"
+
+
+def mae_record_path(params: Params) -> Path:
+    return Path(params.pretrain.out_dir) / "mae_run.json"
 
 
 def run_index(params: Params, progress: bool = True) -> dict[str, Any]:
@@ -38,52 +78,162 @@ def run_index(params: Params, progress: bool = True) -> dict[str, Any]:
     return {"index": idx, "changed": changed, "revision": data_revision(params.data.index_path)}
 
 
-def run_train(
-    params: Params, tracker: Tracker | None, progress: bool = True, **train_kw: Any
+def run_pretrain(
+    params: Params, tracker: Tracker | None, progress: bool = True, **kw: Any
 ) -> dict[str, Any]:
-    """Train one stage inside a tracked run; register the best checkpoint as ``challenger``.
+    """MAE pretraining of the encoder inside a tracked run (loss per epoch, the encoder
+    checkpoint and the reconstruction pictures). Re-running with nothing changed trains
+    nothing and starts no run."""
+    from srpu_pipelines.data.index import load_index
+    from srpu_pipelines.training.pretrain import pretrain_is_finished, pretrain_mae
 
-    Re-running with nothing changed registers nothing new: the finished run's record is
-    returned. Changed settings or data start training over (the old model is already in
-    the registry). The record (``model_version.json``) names the run, the version and the
+    index = load_index(params.data.index_path)
+    rec_path = mae_record_path(params)
+    enc = Path(params.pretrain.out_dir) / "encoder.pt"
+    if tracker is None:
+        rec_path.unlink(missing_ok=True)
+        return {"result": pretrain_mae(params, index, progress=progress, **kw), "record": None}
+    if rec_path.is_file() and pretrain_is_finished(params, index, **kw):
+        record = read_json(rec_path)
+        if record.get("encoder_sha256") == sha256_file(enc):
+            res = pretrain_mae(params, index, progress=progress, **kw)  # returns at once
+            return {"result": res, "record": record}
+    rec_path.unlink(missing_ok=True)
+    tags = {
+        "srpu.stage": "mae_encoder",
+        "srpu.data_revision": data_revision(params.data.index_path),
+    }
+    with tracker.start_run("mae_encoder", params.resolved(), tags) as run_id:
+
+        def log_epoch(rec: dict[str, Any]) -> None:
+            tracker.log_metrics({"mae_loss": rec["loss"], "lr": rec["lr"]}, step=rec["epoch"])
+
+        res = pretrain_mae(params, index, progress=progress, callbacks=[log_epoch], **kw)
+        for f in (res.encoder_checkpoint, res.encoder_checkpoint.with_suffix(".json")):
+            tracker.log_artifact(f, "encoder")
+        tracker.log_artifact(res.out_dir / "pretrain_metrics.json")
+        if res.reconstructions.is_file():
+            tracker.log_artifact(res.reconstructions, "pictures")
+    record = {"run_id": run_id, "encoder_sha256": sha256_file(enc), "method": res.method}
+    atomic_write_json(rec_path, record)
+    return {"result": res, "record": record}
+
+
+def resolve_init(
+    params: Params, name: str, tracker: Tracker | None
+) -> tuple[Path | None, str | None]:
+    """Start weights of stage ``name`` and how strictly they must fit:
+    (None, None) for random init (or ``model.weights``), else (file, "encoder"|"model"|None)."""
+    st = params.stage(name)
+    kind, arg = st.init_kind, st.init_arg
+    if kind == "random":
+        return None, None
+    if kind == "mae":
+        enc = Path(params.pretrain.out_dir) / "encoder.pt"
+        if not enc.is_file():
+            raise FileNotFoundError(
+                f"stage {name!r} starts from the MAE encoder, but {enc} does not exist: "
+                "run `srpu pretrain` (or materialize mae_encoder) first"
+            )
+        return enc, "encoder"
+    if kind == "previous":
+        names = [s.name for s in params.stages]
+        prev = names[names.index(name) - 1]
+        ckpt = stage_dir(params, prev) / "best.pt"
+        if not ckpt.is_file():
+            raise FileNotFoundError(
+                f"stage {name!r} starts from stage {prev!r}, but {ckpt} does not exist: "
+                f"run `srpu train --stage {prev}` first"
+            )
+        return ckpt, "model"
+    if kind == "alias":
+        if tracker is None:
+            raise ValueError(
+                f"stage {name!r}: init {st.init!r} needs the model registry "
+                "(tracking.enabled: true)"
+            )
+        return tracker.fetch_checkpoint(arg, Path(params.predict.models_cache)), "model"
+    path = Path(arg)
+    if not path.is_file():
+        raise FileNotFoundError(f"stage {name!r}: init file {path} not found")
+    return path, None
+
+
+def run_train(
+    params: Params,
+    tracker: Tracker | None,
+    progress: bool = True,
+    stage: str | None = None,
+    **train_kw: Any,
+) -> dict[str, Any]:
+    """Train every stage in order (or only ``stage``); returns the last one's outcome."""
+    names = [stage] if stage else [s.name for s in params.stages]
+    out: dict[str, Any] = {}
+    for name in names:
+        out = run_stage(params, tracker, name, progress=progress, **train_kw)
+    return out
+
+
+def run_stage(
+    params: Params, tracker: Tracker | None, name: str, progress: bool = True, **train_kw: Any
+) -> dict[str, Any]:
+    """Train stage ``name`` inside a tracked run of its own. The final stage's best
+    checkpoint is registered as ``challenger``; earlier stages hand over by file.
+
+    Re-running with nothing changed (settings, data, start weights) trains nothing and
+    starts no run: the finished run's record is returned. Changed inputs start the stage
+    over (its earlier run stays in MLflow). The record (``model_version.json`` in the
+    stage folder) names the run, the registered version (final stage only) and the
     checkpoint's hash, so later steps log only about the checkpoint it describes.
     """
     from srpu_pipelines.data.index import load_index
     from srpu_pipelines.training.trainer import is_finished, train_stage
 
+    sp = stage_params(params, name)
+    final = name == final_stage(params)
     index = load_index(params.data.index_path)
-    record_path = model_record_path(params)
+    if "init_weights" not in train_kw:
+        init, require = resolve_init(params, name, tracker)
+        if init is not None:
+            train_kw = {**train_kw, "init_weights": init, "init_require": require}
+    record_path = model_record_path(params, name)
     if tracker is None:
         record_path.unlink(missing_ok=True)  # it would describe a checkpoint about to change
-        res = train_stage(params, index, progress=progress, **train_kw)
-        return {"result": res, "version": None, "record": None}
+        res = train_stage(sp, index, progress=progress, **train_kw)
+        return {"result": res, "version": None, "record": None, "stage": name}
     kw = {
         k: train_kw[k]
         for k in ("out_dir", "init_weights", "max_steps", "budget_s")
         if k in train_kw
     }
-    if record_path.is_file() and is_finished(params, index, **kw):
+    if record_path.is_file() and is_finished(sp, index, **kw):
         record = read_json(record_path)
-        best = Path(params.train.out_dir) / "best.pt"
+        best = Path(sp.train.out_dir) / "best.pt"
         if record.get("checkpoint_sha256") == sha256_file(best):
-            res = train_stage(params, index, progress=progress, **train_kw)  # returns at once
-            mv = ModelVersion(
-                record["version"], record["run_id"], {"val_miou": str(record["val_miou"])}
-            )
-            return {"result": res, "version": mv, "record": record}
+            res = train_stage(sp, index, progress=progress, **train_kw)  # returns at once
+            mv = None
+            if record.get("version") is not None:
+                mv = ModelVersion(
+                    record["version"], record["run_id"], {"val_miou": str(record["val_miou"])}
+                )
+            return {"result": res, "version": mv, "record": record, "stage": name}
     record_path.unlink(missing_ok=True)
     rev = data_revision(params.data.index_path)
-    tags = {"srpu.stage": "train", "srpu.data_revision": rev}
-    with tracker.start_run("train", params.resolved(), tags) as run_id:
+    tags = {"srpu.stage": name, "srpu.data_revision": rev, "srpu.init": params.stage(name).init}
+    run_params = {**sp.resolved(), "stage": name}
+    with tracker.start_run(f"train_{name}", run_params, tags) as run_id:
 
         def log_epoch(rec: dict[str, Any]) -> None:
             m = {"train_loss": rec["train_loss"], "lr": rec["lr"]}
+            for k in ("unlabeled_loss", "confident_share"):
+                if k in rec:
+                    m[k] = rec[k]
             if "val_miou" in rec:
                 m.update(flat_metrics("val_", {"miou": rec["val_miou"], "iou": rec["val_iou"]}))
             tracker.log_metrics(m, step=rec["epoch"])
 
         res = train_stage(
-            params,
+            sp,
             index,
             progress=progress,
             callbacks=[log_epoch],
@@ -93,25 +243,29 @@ def run_train(
         tracker.log_artifact(res.best_checkpoint, "checkpoint")
         tracker.log_artifact(res.best_checkpoint.with_suffix(".json"), "checkpoint")
         tracker.log_artifact(res.out_dir / "train_metrics.json")
-        mv = tracker.log_model(
-            res.best_checkpoint,
-            {
-                "val_miou": str(res.best_miou),
-                "data_revision": rev,
-                "val_split": params.train.val_split,
-            },
-        )
-        tracker.set_alias(CHALLENGER, mv.version)
+        mv = None
+        if final:
+            mv = tracker.log_model(
+                res.best_checkpoint,
+                {
+                    "val_miou": str(res.best_miou),
+                    "data_revision": rev,
+                    "val_split": sp.train.val_split,
+                    "stage": name,
+                },
+            )
+            tracker.set_alias(CHALLENGER, mv.version)
     record = {
         "run_id": run_id,
-        "version": mv.version,
+        "stage": name,
+        "version": mv.version if mv else None,
         "val_miou": res.best_miou,
         "data_revision": rev,
         "registered_model": tracker.registered_model,
         "checkpoint_sha256": sha256_file(res.best_checkpoint),
     }
     atomic_write_json(record_path, record)
-    return {"result": res, "version": mv, "record": record}
+    return {"result": res, "version": mv, "record": record, "stage": name}
 
 
 def run_evaluate(
@@ -125,7 +279,7 @@ def run_evaluate(
     from srpu_pipelines.analysis.evaluate import evaluate_checkpoint
     from srpu_pipelines.data.index import load_index
 
-    ckpt = Path(checkpoint or Path(params.train.out_dir) / f"{params.evaluate.checkpoint}.pt")
+    ckpt = Path(checkpoint or final_dir(params) / f"{params.evaluate.checkpoint}.pt")
     metrics = evaluate_checkpoint(
         params, load_index(params.data.index_path), ckpt, progress=progress
     )
@@ -161,7 +315,7 @@ def _score_on_current_val(params: Params, tracker: Tracker) -> float:
             p,
             load_index(params.data.index_path),
             ckpt,
-            split=params.train.val_split,
+            split=final_val_split(params),
             out_dir=tmp,
             progress=False,
         )
@@ -195,10 +349,9 @@ def champion_gate(params: Params, tracker: Tracker) -> dict[str, Any]:
             "reason": "the new model has no validation score (no images in the "
             "train.val_split split): nothing to compare with",
         }
-    same_data = (
-        champ.tags.get("data_revision") == rec["data_revision"]
-        and champ.tags.get("val_split", params.train.val_split) == params.train.val_split
-    )
+    same_data = champ.tags.get("data_revision") == rec["data_revision"] and champ.tags.get(
+        "val_split", final_val_split(params)
+    ) == final_val_split(params)
     if not same_data or out["champion_val_miou"] is None:
         out["champion_val_miou"] = _score_on_current_val(params, tracker)
         out["reason"] = "champion re-scored on the current validation split"
@@ -217,9 +370,9 @@ def run_promote(params: Params, tracker: Tracker) -> dict[str, Any]:
 
 
 def prediction_checkpoint(params: Params, tracker: Tracker | None) -> Path:
-    """The checkpoint ``predict.source`` names: the champion's, or train.out_dir's."""
+    """The checkpoint ``predict.source`` names: the champion's, or the final stage's."""
     if params.predict.source == "checkpoint":
-        return Path(params.train.out_dir) / f"{params.evaluate.checkpoint}.pt"
+        return final_dir(params) / f"{params.evaluate.checkpoint}.pt"
     if tracker is None:
         raise ValueError(
             "predict.source: champion needs tracking.enabled: true (the registry); "

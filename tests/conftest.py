@@ -62,6 +62,18 @@ def tiny_params_dict(tmp: Path, **overrides: Any) -> dict[str, Any]:
             "warmup_steps": 1,
             "threads": 2,
         },
+        "pretrain": {
+            "out_dir": str(tmp / "out/mae"),
+            "epochs": 1,
+            "steps_per_epoch": 2,
+            "batch_size": 2,
+            "tile_size": 64,
+            "patch_size": 16,
+            "decoder_dim": 16,
+            "decoder_depth": 1,
+            "warmup_steps": 1,
+            "reconstructions": 1,
+        },
         "inference": {"tile_size": 64, "batch_size": 4},
         "evaluate": {"out_dir": str(tmp / "out/eval"), "overlays": 1},
         "predict": {

@@ -9,7 +9,18 @@ import yaml
 from srpu_pipelines.cli import main
 from tests.conftest import ROOT, tiny_params_dict
 
-COMMANDS = ["demo-data", "index", "train", "evaluate", "predict", "bench", "bench supervised"]
+COMMANDS = [
+    "demo-data",
+    "index",
+    "pretrain",
+    "train",
+    "stages",
+    "evaluate",
+    "predict",
+    "bench",
+    "bench supervised",
+    "bench ssl",
+]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)

@@ -49,6 +49,7 @@ def project(tmp_path_factory) -> Path:
     params["model"].update(base["model"])
     params["train"].update({k: v for k, v in base["train"].items() if k != "out_dir"})
     params["inference"].update(base["inference"])
+    params["pretrain"].update({k: v for k, v in base["pretrain"].items() if k != "out_dir"})
     params["demo"].update(
         {k: v for k, v in base["demo"].items() if k not in ("out_dir", "datasets")}
     )
@@ -63,7 +64,24 @@ def project(tmp_path_factory) -> Path:
     return dst
 
 
-STAGES = ["dataset_index", "trained_model", "evaluation", "champion_model", "predictions"]
+STAGES = [
+    "dataset_index",
+    "mae_encoder",
+    "train_decoder",
+    "train_finetune",
+    "evaluation",
+    "champion_model",
+    "predictions",
+]
+
+
+def test_committed_dvc_yaml_is_in_step_with_params_yaml():
+    from srpu_pipelines.config import load_params
+    from srpu_pipelines.dvc_stages import dvc_stages, sync_dvc_yaml
+
+    p = load_params(ROOT / "params.yaml")
+    assert not sync_dvc_yaml(p, ROOT / "dvc.yaml", write=False), "run `srpu stages --write-dvc`"
+    assert list(dvc_stages(p)) == STAGES  # the Dagster asset names, in order
 
 
 def test_repro_runs_then_is_idempotent_then_reruns_only_what_changed(project):
@@ -82,6 +100,16 @@ def test_repro_runs_then_is_idempotent_then_reruns_only_what_changed(project):
     third = _dvc(project, "repro")
     ran = [s for s in STAGES if f"Running stage '{s}'" in third]
     assert ran == ["evaluation"], third
+    # one stage's setting: DVC re-runs every train stage (the `stages` param changed);
+    # the unchanged first stage finds its finished run (its outputs persist) and trains
+    # nothing, the changed one trains again
+    before = (project / "outputs/train/decoder/best.pt").read_bytes()
+    p["stages"][1]["train"]["lr"] = 0.001
+    (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    fourth = _dvc(project, "repro")
+    assert "Running stage 'train_finetune'" in fourth, fourth
+    assert (project / "outputs/train/decoder/best.pt").read_bytes() == before
+    assert (project / "outputs/train/decoder/train_metrics.json").is_file()
     assert "metrics.json" in _dvc(project, "metrics", "show") or "miou" in _dvc(
         project, "metrics", "show"
     )

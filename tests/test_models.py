@@ -15,7 +15,11 @@ from srpu_pipelines.models.factory import (
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_every_architecture_gives_finite_full_size_logits(arch):
     torch.manual_seed(0)
-    m = create_model(arch, "resnet18", num_classes=3, in_channels=1).eval()
+    if arch == "dpt":  # the ViT architecture
+        m = create_model(arch, "tu-vit_tiny_patch16_224", 3, in_channels=1, encoder_depth=4)
+    else:
+        m = create_model(arch, "resnet18", num_classes=3, in_channels=1)
+    m.eval()
     with torch.no_grad():
         out = m(torch.randn(2, 1, 64, 64))
     assert out.shape == (2, 3, 64, 64) and torch.isfinite(out).all()

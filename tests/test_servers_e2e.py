@@ -135,7 +135,7 @@ def demo_instance(tmp_path_factory):
 
     from srpu_pipelines.config import parse_params
     from srpu_pipelines.data.demo import generate_demo
-    from srpu_pipelines.definitions import ASSETS, CHECKS
+    from srpu_pipelines.definitions import CHECKS, pipeline_assets
     from srpu_pipelines.resources.dagster_resources import MlflowResource, ParamsResource
 
     tmp = tmp_path_factory.mktemp("e2e")
@@ -144,12 +144,14 @@ def demo_instance(tmp_path_factory):
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
     d = tiny_params_dict(tmp)
     d["tracking"]["enabled"] = True
+    # the stage names of the project's params.yaml: the web server loads its assets
+    d["stages"] = yaml.safe_load((ROOT / "params.yaml").read_text())["stages"]
     params_file = tmp / "params.yaml"
     params_file.write_text(yaml.safe_dump(d))
     generate_demo(parse_params(d))
     instance = dg.DagsterInstance.from_config(str(home))
     res = dg.materialize(
-        [*ASSETS, *CHECKS],
+        [*pipeline_assets(parse_params(d)), *CHECKS],
         instance=instance,
         resources={"params": ParamsResource(path=str(params_file)), "mlflow": MlflowResource()},
     )
@@ -180,7 +182,7 @@ def test_dagster_ui_shows_the_assets_and_their_materialisations(demo_instance):
         # The global graph shows groups collapsed; each group's graph shows its asset nodes.
         groups = {
             "data": ["dataset_index"],
-            "training": ["trained_model"],
+            "training": ["mae_encoder", "train_decoder", "train_finetune"],
             "evaluation": ["evaluation", "champion_model"],
             "inference": ["predictions"],
         }

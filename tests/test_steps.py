@@ -6,6 +6,7 @@ from srpu_pipelines.resources.tracking import RecordingTracker
 from srpu_pipelines.steps import (
     CHAMPION,
     champion_gate,
+    final_dir,
     run_evaluate,
     run_index,
     run_promote,
@@ -67,10 +68,9 @@ def test_evaluate_logs_only_the_registered_checkpoint(ready):
     run_train(params, t, progress=False)
     run_evaluate(params, t, progress=False)
     logged = len(t.runs["run0"]["metrics"])
-    run_evaluate(params, t, checkpoint=params.train.out_dir / "last.pt", progress=False)
-    best_is_last = (params.train.out_dir / "best.pt").read_bytes() == (
-        params.train.out_dir / "last.pt"
-    ).read_bytes()
+    out = final_dir(params)
+    run_evaluate(params, t, checkpoint=out / "last.pt", progress=False)
+    best_is_last = (out / "best.pt").read_bytes() == (out / "last.pt").read_bytes()
     assert len(t.runs["run0"]["metrics"]) == logged + (1 if best_is_last else 0)
 
 

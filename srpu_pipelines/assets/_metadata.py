@@ -35,3 +35,29 @@ def image_preview(path: str | Path | np.ndarray, max_width: int = 640) -> dg.Met
     im.convert("RGB").save(buf, format="PNG")
     data = base64.b64encode(buf.getvalue()).decode()
     return dg.MetadataValue.md(f"![preview](data:image/png;base64,{data})")
+
+
+def curve_png(history: list[dict], loss_key: str, loss_label: str) -> np.ndarray:
+    """A loss curve per epoch (and validation mIoU where the history has it), RGB array."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
+    ep = [h["epoch"] for h in history]
+    ax.plot(ep, [h[loss_key] for h in history], "o-", label=loss_label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(loss_label)
+    if any("val_miou" in h for h in history):
+        ax2 = ax.twinx()
+        ax2.plot(
+            ep, [h.get("val_miou") for h in history], "s-", color="tab:orange", label="val mIoU"
+        )
+        ax2.set_ylabel("val mIoU")
+        ax2.set_ylim(0, 1)
+    fig.tight_layout()
+    fig.canvas.draw()
+    arr = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return arr

@@ -7,35 +7,40 @@ from pathlib import Path
 import dagster as dg
 
 from srpu_pipelines.assets._metadata import image_preview, iou_table
-from srpu_pipelines.assets.training import trained_model
 from srpu_pipelines.resources.dagster_resources import MlflowResource, ParamsResource
 from srpu_pipelines.steps import CHAMPION, champion_gate, run_evaluate, run_promote
 
 
-@dg.asset(
-    group_name="evaluation",
-    deps=[trained_model],
-    description="Per-class IoU and Dice on the test split, overlay pictures "
-    "(srpu evaluate); logged into the training run.",
-)
-def evaluation(params: ParamsResource, mlflow: MlflowResource) -> dg.MaterializeResult:
-    p = params.load()
-    m = run_evaluate(p, mlflow.tracker(p), progress=False)
-    meta = {
-        "split": m["split"],
-        "images": m["images"],
-        "miou": m["miou"],
-        "mdice": m["mdice"],
-        "per_class": iou_table(m),
-        "metrics": dg.MetadataValue.path(str(Path(p.evaluate.out_dir) / "metrics.json")),
-    }
-    if m["overlay_files"]:
-        meta["overlay"] = image_preview(m["overlay_files"][0])
-    return dg.MaterializeResult(metadata=meta)
+def evaluation_asset(final_stage_asset: str) -> dg.AssetsDefinition:
+    """The evaluation asset, downstream of the final training stage's asset."""
+
+    @dg.asset(
+        name="evaluation",
+        group_name="evaluation",
+        deps=[final_stage_asset],
+        description="Per-class IoU and Dice of the final stage's model on the test split, "
+        "overlay pictures (srpu evaluate); logged into that stage's MLflow run.",
+    )
+    def _evaluation(params: ParamsResource, mlflow: MlflowResource) -> dg.MaterializeResult:
+        p = params.load()
+        m = run_evaluate(p, mlflow.tracker(p), progress=False)
+        meta = {
+            "split": m["split"],
+            "images": m["images"],
+            "miou": m["miou"],
+            "mdice": m["mdice"],
+            "per_class": iou_table(m),
+            "metrics": dg.MetadataValue.path(str(Path(p.evaluate.out_dir) / "metrics.json")),
+        }
+        if m["overlay_files"]:
+            meta["overlay"] = image_preview(m["overlay_files"][0])
+        return dg.MaterializeResult(metadata=meta)
+
+    return _evaluation
 
 
 @dg.asset_check(
-    asset=evaluation,
+    asset="evaluation",
     blocking=True,
     description="The new model's validation mIoU is not below the champion's.",
 )
@@ -57,7 +62,7 @@ def not_worse_than_champion(params: ParamsResource, mlflow: MlflowResource) -> d
 
 @dg.asset(
     group_name="evaluation",
-    deps=[evaluation],
+    deps=["evaluation"],
     description="Alias 'champion' on the new model version; runs only when the "
     "blocking gate passed.",
 )

@@ -1,67 +1,65 @@
-"""Training asset: one supervised stage, tracked in MLflow, registered as challenger."""
+"""Training assets: one per stage in params.yaml ``stages``, each an MLflow run; the last
+stage's best checkpoint is registered as 'challenger'."""
 
 from __future__ import annotations
 
 import dagster as dg
-import numpy as np
 
-from srpu_pipelines.assets._metadata import image_preview
-from srpu_pipelines.assets.data import dataset_index
+from srpu_pipelines.assets._metadata import curve_png, image_preview
+from srpu_pipelines.config import Params
 from srpu_pipelines.resources.dagster_resources import MlflowResource, ParamsResource
-from srpu_pipelines.steps import run_train
+from srpu_pipelines.steps import run_stage, stage_asset_name
 
 
-def _curve_png(history: list[dict]) -> np.ndarray:
-    """Training loss and validation mIoU per epoch as an RGB array."""
-    import matplotlib
+def _stage_asset(params: Params, i: int) -> dg.AssetsDefinition:
+    st = params.stages[i]
+    deps = ["dataset_index"]
+    if st.init_kind == "mae":
+        deps.append("mae_encoder")
+    if st.init_kind == "previous":
+        deps.append(stage_asset_name(params.stages[i - 1].name))
+    final = i == len(params.stages) - 1
+    what = "registered as 'challenger'" if final else "handed to the next stage"
+    name = st.name
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    @dg.asset(
+        name=stage_asset_name(name),
+        group_name="training",
+        deps=deps,
+        description=f"Training stage {name!r} (srpu train --stage {name}), starting from "
+        f"{st.init}; best checkpoint {what}.",
+    )
+    def _train(params: ParamsResource, mlflow: MlflowResource) -> dg.MaterializeResult:
+        p = params.load()
+        out = run_stage(p, mlflow.tracker(p), name, progress=False)
+        res = out["result"]
+        last = res.history[-1] if res.history else {}
+        meta = {
+            "stage": name,
+            "init": p.stage(name).init,
+            "best_val_miou": res.best_miou,
+            "best_epoch": res.best_epoch,
+            "steps": res.steps,
+            "train_seconds": round(res.train_seconds, 1),
+            "checkpoint": dg.MetadataValue.path(str(res.best_checkpoint)),
+        }
+        if last.get("val_iou"):
+            rows = ["| class | val IoU (last epoch) |", "| --- | ---: |"]
+            rows += [f"| {k} | {v:.4f} |" for k, v in last["val_iou"].items()]
+            meta["val_iou"] = dg.MetadataValue.md("\n".join(rows))
+        if "confident_share" in last:
+            meta["confident_share"] = last["confident_share"]
+        if res.history:
+            meta["curve"] = image_preview(curve_png(res.history, "train_loss", "train loss"))
+        if out["record"] is not None:
+            meta["mlflow_run_id"] = out["record"]["run_id"]
+        if out["version"] is not None:
+            meta["model_version"] = out["version"].version
+        return dg.MaterializeResult(metadata=meta)
 
-    fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
-    ep = [h["epoch"] for h in history]
-    ax.plot(ep, [h["train_loss"] for h in history], "o-", label="train loss")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    if any("val_miou" in h for h in history):
-        ax2 = ax.twinx()
-        ax2.plot(
-            ep, [h.get("val_miou") for h in history], "s-", color="tab:orange", label="val mIoU"
-        )
-        ax2.set_ylabel("val mIoU")
-        ax2.set_ylim(0, 1)
-    fig.tight_layout()
-    fig.canvas.draw()
-    arr = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return arr
+    return _train
 
 
-@dg.asset(
-    group_name="training",
-    deps=[dataset_index],
-    description="Best checkpoint of one training stage (srpu train); an MLflow run and "
-    "a registered model version with alias 'challenger'.",
-)
-def trained_model(params: ParamsResource, mlflow: MlflowResource) -> dg.MaterializeResult:
-    p = params.load()
-    out = run_train(p, mlflow.tracker(p), progress=False)
-    res = out["result"]
-    last = res.history[-1] if res.history else {}
-    meta = {
-        "best_val_miou": res.best_miou,
-        "best_epoch": res.best_epoch,
-        "steps": res.steps,
-        "train_seconds": round(res.train_seconds, 1),
-        "checkpoint": dg.MetadataValue.path(str(res.best_checkpoint)),
-    }
-    if last.get("val_iou"):
-        rows = ["| class | val IoU (last epoch) |", "| --- | ---: |"]
-        rows += [f"| {k} | {v:.4f} |" for k, v in last["val_iou"].items()]
-        meta["val_iou"] = dg.MetadataValue.md("\n".join(rows))
-    if res.history:
-        meta["curve"] = image_preview(_curve_png(res.history))
-    if out["version"] is not None:
-        meta["mlflow_run_id"] = out["record"]["run_id"]
-        meta["model_version"] = out["version"].version
-    return dg.MaterializeResult(metadata=meta)
+def stage_assets(params: Params) -> list[dg.AssetsDefinition]:
+    """One asset per training stage, each depending on what it starts from."""
+    return [_stage_asset(params, i) for i in range(len(params.stages))]

@@ -23,6 +23,14 @@ from srpu_pipelines.data.masks import MaskCodec
 _MAX_COORDS = 4096  # per image and class, for class-centred crops
 
 
+def stretch(img: np.ndarray) -> np.ndarray:
+    """Min-max stretch to [0, 1]. A 12-bit image stored as 16-bit spans only 0..0.06, where
+    brightness and noise augmentation (on the 0..1 scale) would swamp it; the network input
+    is standardised per image afterwards, so this changes nothing else."""
+    lo, hi = float(img.min()), float(img.max())
+    return (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+
+
 def standardize(img: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     """(H, W) float -> float32 with zero mean and unit variance over the image."""
     img = img.astype(np.float32)
@@ -51,12 +59,7 @@ def load_samples(
     """Read the index items' images and masks into memory."""
     out = []
     for it in tqdm(items, desc=desc, disable=not progress, unit="img", leave=False):
-        # Stretched to its own range: a 12-bit image stored as 16-bit spans only 0..0.06,
-        # where brightness and noise augmentation (on the 0..1 scale) would swamp it. The
-        # network input is standardised per image afterwards, so this changes nothing else.
-        img = read_grey(Path(it["image"]))
-        lo, hi = float(img.min()), float(img.max())
-        img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+        img = stretch(read_grey(Path(it["image"])))
         mask = codec.decode_file(Path(it["mask"]))
         if img.shape != mask.shape:
             raise ValueError(f"{it['mask']}: mask size {mask.shape} differs from image {img.shape}")

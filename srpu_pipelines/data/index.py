@@ -286,6 +286,11 @@ def load_index(path: str | Path) -> dict[str, Any]:
     return idx
 
 
+def image_hashes(index: dict[str, Any]) -> dict[str, str]:
+    """Image path -> content hash, for labelled items and pool images."""
+    return {it["image"]: it["image_sha256"] for it in index["items"] + index.get("pool", [])}
+
+
 def select_items(
     index: dict[str, Any], splits: list[str], datasets: list[str] | None = None
 ) -> list[dict[str, Any]]:

@@ -21,10 +21,16 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "deeplabv3plus": smp.DeepLabV3Plus,
     "manet": smp.MAnet,
     "linknet": smp.Linknet,
+    "dpt": smp.DPT,  # ViT encoders (tu-vit_*), any input size
 }
 _DECODER_CHANNELS_ARCHS = {"unet", "unetplusplus", "manet"}
 # FPN and DeepLabV3+ build their decoder for 5 encoder stages (other depths give wrong sizes).
 _DEPTH_ARCHS = {"unet", "unetplusplus", "manet", "linknet"}
+
+
+def is_vit_encoder(name: str) -> bool:
+    """ViT-family timm encoders (``tu-vit_*``, ``tu-deit*`` ...): the DPT architecture's."""
+    return name.removeprefix("tu-").startswith(("vit_", "deit", "eva", "beit"))
 
 
 class UnknownNameError(KeyError):
@@ -78,7 +84,16 @@ def create_model(
         classes=num_classes,
         encoder_depth=encoder_depth,
     )
-    if encoder_depth != 5 and arch not in _DEPTH_ARCHS:
+    if arch == "dpt":
+        if not is_vit_encoder(encoder):
+            raise ValueError(
+                f"model.encoder: dpt needs a ViT encoder (e.g. tu-vit_tiny_patch16_224), "
+                f"got {encoder!r}"
+            )
+        kw["dynamic_img_size"] = True  # timm ViT at any multiple of its patch size
+        if encoder_depth != 4:
+            raise ValueError("model.encoder_depth: dpt needs 4 (ViT blocks it reads out)")
+    elif encoder_depth != 5 and arch not in _DEPTH_ARCHS:
         raise ValueError(
             f"model.encoder_depth: {arch!r} needs 5; other depths work with {sorted(_DEPTH_ARCHS)}"
         )
@@ -96,12 +111,15 @@ def create_model(
     return model
 
 
-def load_weights(model: nn.Module, path: str | Path) -> dict[str, int]:
+def load_weights(model: nn.Module, path: str | Path, require: str | None = None) -> dict[str, int]:
     """Load a local state_dict (whole model, or encoder only) into ``model``.
 
     Accepts an SRPU checkpoint (``{"model": state_dict, ...}``) or a bare state_dict.
     Tensors whose names match ``model`` or ``model.encoder`` load; a file that matches
-    nothing, or whose shapes disagree, is an error naming the file.
+    nothing, or whose shapes disagree, is an error naming the file. ``require="encoder"``
+    (or ``"model"``) also fails unless every encoder (or model) tensor was loaded.
+    Returns counts: ``loaded``, ``total`` (model tensors), ``encoder_loaded``,
+    ``encoder_total``.
     """
     path = Path(path)
     if not path.is_file():
@@ -130,8 +148,23 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, int]:
             f"model.weights: {path}: shape mismatch for {len(bad)} tensors, e.g. {bad[0]} "
             f"{tuple(matched[bad[0]].shape)} vs {tuple(own[bad[0]].shape)}"
         )
+    enc = [k for k in own if k.startswith("encoder.")]
+    report = {
+        "loaded": len(matched),
+        "total": len(own),
+        "encoder_loaded": sum(k in matched for k in enc),
+        "encoder_total": len(enc),
+    }
+    need = {"encoder": enc, "model": list(own), None: []}[require]
+    missing = [k for k in need if k not in matched]
+    if missing:
+        raise ValueError(
+            f"{path}: only {len(need) - len(missing)} of {len(need)} {require} tensors of this "
+            f"model are in the file (missing e.g. {missing[0]}); it was saved for another "
+            "model.arch/encoder/in_channels/encoder_depth"
+        )
     model.load_state_dict(matched, strict=False)
-    return {"loaded": len(matched), "total": len(own)}
+    return report
 
 
 def model_from_params(p: Any, num_classes: int, weights: str | Path | None = None) -> nn.Module:

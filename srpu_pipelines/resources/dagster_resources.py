@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -10,10 +11,16 @@ from srpu_pipelines.config import Params, load_params
 from srpu_pipelines.resources.tracking import MlflowTracker, Tracker
 
 
-class ParamsResource(dg.ConfigurableResource):
-    """params.yaml (relative to the working directory) plus ``key=value`` overrides."""
+def params_path() -> str:
+    """The params file: ``$SRPU_PARAMS``, else params.yaml in the working directory."""
+    return os.environ.get("SRPU_PARAMS", "params.yaml")
 
-    path: str = "params.yaml"
+
+class ParamsResource(dg.ConfigurableResource):
+    """The params file (``$SRPU_PARAMS`` or params.yaml, relative to the working
+    directory) plus ``key=value`` overrides."""
+
+    path: str = params_path()
     overrides: list[str] = []
 
     def load(self) -> Params:

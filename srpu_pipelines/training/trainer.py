@@ -28,12 +28,14 @@ from srpu_pipelines.analysis.inference import autocast_ctx, predict_labels, use_
 from srpu_pipelines.analysis.metrics import ConfusionAccumulator
 from srpu_pipelines.config import Params
 from srpu_pipelines.data.dataset import Sample, TileSampler, load_samples
-from srpu_pipelines.data.index import select_items
+from srpu_pipelines.data.index import image_hashes, select_items
 from srpu_pipelines.data.masks import MaskCodec
-from srpu_pipelines.io_utils import atomic_write_json, read_json
+from srpu_pipelines.data.pool import UnlabeledTiles, unlabeled_paths
+from srpu_pipelines.io_utils import atomic_write_json, read_json, sha256_file
 from srpu_pipelines.models.checkpoint import model_config, read_checkpoint, save_checkpoint
-from srpu_pipelines.models.factory import model_from_params
+from srpu_pipelines.models.factory import load_weights, model_from_params
 from srpu_pipelines.training.losses import SegLoss, lr_factor
+from srpu_pipelines.training.semi import fixmatch_loss, ramp, strong_augment
 
 log = logging.getLogger(__name__)
 EpochCallback = Callable[[dict[str, Any]], None]
@@ -96,25 +98,56 @@ def validate(
     return acc.scores(params.class_names)
 
 
-def _fingerprint(params: Params, train_items: list, val_items: list, init: str | None) -> str:
-    t = params.train.model_dump(
-        mode="json", exclude={"out_dir", "resume", "epochs", "budget_s", "threads"}
-    )
+def _fingerprint(
+    params: Params, train_items: list, val_items: list, init: str | None, index: dict[str, Any]
+) -> str:
+    """What a run's result depends on: settings, data (by content) and the start weights
+    (by content, so a retrained earlier stage re-runs the stages after it)."""
+    tp = params.train
+    t = tp.model_dump(mode="json", exclude={"out_dir", "resume", "epochs", "budget_s", "threads"})
+    unl = _semi_paths(params, index) if tp.semi.enabled else []
+    hashes = image_hashes(index)
     blob = {
         "model": model_config(params),
         "train": t,
         "seed": params.seed,
-        "init": init,
+        "init": sha256_file(init) if init and Path(init).is_file() else init,
         "train_data": [(it["id"], it["image_sha256"], it["mask_sha256"]) for it in train_items],
         "val_data": [(it["id"], it["image_sha256"], it["mask_sha256"]) for it in val_items],
+        "unlabeled": [hashes.get(p, p) for p in unl],
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def _semi_paths(params: Params, index: dict[str, Any]) -> list[str]:
+    sp = params.train.semi
+    return unlabeled_paths(index, True, sp.include_labeled_splits, params.train.datasets)
 
 
 def _init_path(params: Params, init_weights: str | Path | None) -> str | None:
     if init_weights:
         return str(init_weights)
     return str(params.model.weights) if params.model.weights else None
+
+
+def _param_groups(model: torch.nn.Module, mode: str, mult: float) -> list[dict[str, Any]]:
+    """Optimiser groups for ``train.encoder``: full, frozen (encoder left out and fixed) or
+    differential (encoder at lr x mult). Each group carries its ``lr_mult``."""
+    enc = [p for n, p in model.named_parameters() if n.startswith("encoder.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+    if mode == "full":
+        return [{"params": enc + rest, "lr_mult": 1.0}]
+    if mode == "frozen":
+        for p in enc:
+            p.requires_grad_(False)
+        return [{"params": rest, "lr_mult": 1.0}]
+    return [{"params": enc, "lr_mult": mult}, {"params": rest, "lr_mult": 1.0}]
+
+
+def _train_mode(model: torch.nn.Module, encoder_mode: str) -> None:
+    model.train()
+    if encoder_mode == "frozen":
+        model.encoder.eval()  # keep the start weights' BatchNorm statistics too
 
 
 def _run_done(state: dict[str, Any], total_steps: int, budget: float | None) -> bool:
@@ -142,9 +175,10 @@ def is_finished(
     state, _ = read_checkpoint(last)
     fp = _fingerprint(
         params,
-        select_items(index, tp.splits),
-        select_items(index, [tp.val_split]),
+        select_items(index, tp.splits, tp.datasets),
+        select_items(index, [tp.val_split], tp.datasets),
         _init_path(params, init_weights),
+        index,
     )
     total = max_steps or tp.epochs * tp.steps_per_epoch
     budget = budget_s if budget_s is not None else tp.budget_s
@@ -161,6 +195,7 @@ def train_stage(
     callbacks: list[EpochCallback] | None = None,
     progress: bool = True,
     restart_on_change: bool = False,
+    init_require: str | None = None,
 ) -> TrainResult:
     """Train one stage on ``train.splits`` of ``index``; validate on ``train.val_split``.
 
@@ -168,6 +203,8 @@ def train_stage(
     A ``last.pt`` from other settings or data is an error, unless ``restart_on_change``
     (the orchestrated path, where every finished model is already in the registry): then
     training starts over in the same folder. ``result.trained`` says whether any step ran.
+    ``init_require`` ("encoder" | "model") makes the start weights fail to load unless
+    every encoder (model) tensor is in the file.
     """
     tp = params.train
     out = Path(out_dir or tp.out_dir)
@@ -177,14 +214,27 @@ def train_stage(
         torch.set_num_threads(tp.threads)
     seed_everything(params.seed)
     codec = MaskCodec.from_params(params)
-    train_items = select_items(index, tp.splits)
-    val_items = select_items(index, [tp.val_split])
+    train_items = select_items(index, tp.splits, tp.datasets)
+    val_items = select_items(index, [tp.val_split], tp.datasets)
     if not train_items:
-        raise ValueError(f"train.splits {tp.splits}: no labelled images in these splits")
+        where = f" of sub-datasets {tp.datasets}" if tp.datasets else ""
+        raise ValueError(f"train.splits {tp.splits}: no labelled images in these splits{where}")
     init = _init_path(params, init_weights)
-    fp = _fingerprint(params, train_items, val_items, init)
-    model = model_from_params(params.model, params.num_classes, weights=init)
-    opt = torch.optim.AdamW(model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
+    fp = _fingerprint(params, train_items, val_items, init, index)
+    # start weights come only from ``init`` (it already names model.weights when set)
+    model = model_from_params(params.model.model_copy(update={"weights": None}), params.num_classes)
+    if init:
+        rep = load_weights(model, init, require=init_require)
+        log.info(
+            "start weights %s: %d of %d tensors (encoder %d of %d)",
+            init,
+            rep["loaded"],
+            rep["total"],
+            rep["encoder_loaded"],
+            rep["encoder_total"],
+        )
+    groups = _param_groups(model, tp.encoder, tp.encoder_lr_mult)
+    opt = torch.optim.AdamW(groups, lr=tp.lr, weight_decay=tp.weight_decay)
     loss_fn = SegLoss(tp.loss)
     bf16 = use_bf16(tp.precision)
     cfg = model_config(params)
@@ -199,8 +249,9 @@ def train_stage(
     if state is not None:
         if state.get("fingerprint") != fp:
             raise ValueError(
-                f"{last_path}: holds a run with other settings or data; set train.out_dir to a "
-                "new folder (or train.resume: false to start over in this one)"
+                f"{last_path}: holds a run with other settings, data or start weights (its "
+                "model is not in a registry, tracking being off); set train.out_dir (or the "
+                "stage's train.out_dir) to a new folder, or train.resume: false to start over"
             )
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -232,6 +283,20 @@ def train_stage(
         params.seed,
     )
     loader = torch.utils.data.DataLoader(sampler, batch_size=tp.batch_size, num_workers=0)
+    sp = tp.semi
+    unl_iter, unl_tiles = None, None
+    if sp.enabled:
+        ub = sp.batch_size or max(1, tp.batch_size // 2)
+        unl_tiles = UnlabeledTiles(
+            _semi_paths(params, index),
+            tp.tile_size,
+            tp.steps_per_epoch * ub,
+            params.seed + 1,
+            f" (train.semi.include_labeled_splits {sp.include_labeled_splits}, "
+            f"{params.data.index_path})",
+        )
+        unl_loader = torch.utils.data.DataLoader(unl_tiles, batch_size=ub, num_workers=0)
+        gen = torch.Generator().manual_seed(params.seed)
     t0 = time.monotonic() - elapsed0
 
     def elapsed() -> float:
@@ -243,8 +308,12 @@ def train_stage(
     start_step = step
     while not out_of_budget():
         sampler.set_epoch(epoch)
-        model.train()
-        losses = []
+        if unl_tiles is not None:
+            unl_tiles.set_epoch(epoch)
+            unl_iter = iter(unl_loader)
+            gen.manual_seed(params.seed * 1000003 + epoch)
+        _train_mode(model, tp.encoder)
+        losses, unl_losses, confident = [], [], []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}", disable=not progress, leave=False)
         for x, y in bar:
             prog = (
@@ -254,10 +323,27 @@ def train_stage(
             )
             lr = tp.lr * lr_factor(prog, step, tp.warmup_steps, tp.min_lr_ratio)
             for g in opt.param_groups:
-                g["lr"] = lr
-            with autocast_ctx(bf16):
-                logits = model(x.expand(-1, params.model.in_channels, -1, -1))
-            loss = loss_fn(logits, y)
+                g["lr"] = lr * g["lr_mult"]
+            ch = params.model.in_channels
+            if unl_iter is not None:
+                u = next(unl_iter)
+                model.eval()  # pseudo-labels from running BN statistics; no BN update here
+                with torch.no_grad(), autocast_ctx(bf16):
+                    probs_weak = model(u.expand(-1, ch, -1, -1)).float().softmax(1)
+                _train_mode(model, tp.encoder)
+                strong = strong_augment(u, sp.strength, sp.cutout, gen)
+                with autocast_ctx(bf16):
+                    both = model(torch.cat([x, strong]).expand(-1, ch, -1, -1))
+                logits, logits_u = both[: len(x)], both[len(x) :]
+                loss_u, share = fixmatch_loss(logits_u, probs_weak, sp.threshold, sp.class_balance)
+                loss_sup = loss_fn(logits, y)
+                loss = loss_sup + sp.weight * ramp(step, sp.rampup_steps) * loss_u
+                unl_losses.append(float(loss_u.detach()))
+                confident.append(share)
+            else:
+                with autocast_ctx(bf16):
+                    logits = model(x.expand(-1, ch, -1, -1))
+                loss = loss_sup = loss_fn(logits, y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"loss became {loss.item()} at step {step}; lower train.lr ({tp.lr})"
@@ -266,7 +352,7 @@ def train_stage(
             loss.backward()
             opt.step()
             step += 1
-            losses.append(float(loss.detach()))
+            losses.append(float(loss_sup.detach()))  # supervised part: comparable across runs
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2e}")
             if out_of_budget():
                 break
@@ -278,6 +364,10 @@ def train_stage(
             "lr": lr,
             "elapsed_s": round(elapsed(), 1),
         }
+        if unl_losses:
+            rec.update(
+                unlabeled_loss=float(np.mean(unl_losses)), confident_share=float(np.mean(confident))
+            )
         if val_samples:
             scores = validate(model, val_samples, params, bf16)
             rec.update(val_miou=scores["miou"], val_iou=scores["iou"], val_mdice=scores["mdice"])

@@ -1,0 +1,91 @@
+"""Unlabelled tiles: random crops of pool images (and labelled images' pixels, never their
+masks) for MAE pretraining and semi-supervised training.
+
+Images are read on demand and kept in a small cache, so memory stays bounded however
+large the pool is. Each tile is standardised with its whole image's mean and standard
+deviation (after the same min-max stretch as labelled images), exactly as the
+segmentation model sees images at training and inference time.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from srpu_pipelines.data.dataset import stretch
+from srpu_pipelines.data.imageio import read_grey
+
+
+def unlabeled_paths(
+    index: dict[str, Any], pool: bool, labeled_splits: list[str], datasets: list[str] | None = None
+) -> list[str]:
+    """Image paths: the index's pool (when ``pool``) plus labelled items in
+    ``labeled_splits``, optionally limited to ``datasets``; sorted and unique."""
+    paths = set()
+    if pool:
+        paths |= {
+            it["image"]
+            for it in index.get("pool", [])
+            if datasets is None or it["dataset"] in datasets
+        }
+    paths |= {
+        it["image"]
+        for it in index["items"]
+        if it["split"] in labeled_splits and (datasets is None or it["dataset"] in datasets)
+    }
+    return sorted(paths)
+
+
+@functools.lru_cache(maxsize=64)
+def _load(path: str) -> tuple[np.ndarray, float, float]:
+    img = stretch(read_grey(Path(path)))
+    return img.astype(np.float32), float(img.mean()), max(float(img.std()), 1e-6)
+
+
+def load_standardized(path: str) -> np.ndarray:
+    """The whole image, stretched and standardised: float32 (H, W)."""
+    img, mean, std = _load(path)
+    return (img - mean) / std
+
+
+class UnlabeledTiles(torch.utils.data.Dataset):
+    """``length`` random ``tile`` x ``tile`` crops per epoch with random flips and
+    90-degree turns (the weak augmentation); fixed by (seed, epoch) like TileSampler."""
+
+    def __init__(
+        self, paths: list[str], tile: int, length: int, seed: int, source: str = ""
+    ) -> None:
+        if not paths:
+            raise ValueError(
+                "no unlabelled images: the index has no pool images (data.datasets raw "
+                f"folders) and no labelled images in the splits named for unlabelled use{source}"
+            )
+        self.paths, self.tile, self.length, self.seed = paths, tile, length, seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.rng = np.random.default_rng([self.seed, epoch, 7])
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, _: int) -> torch.Tensor:
+        """(1, T, T) float32 standardised tile."""
+        rng, t = self.rng, self.tile
+        img = load_standardized(self.paths[int(rng.integers(len(self.paths)))])
+        ph, pw = max(0, t - img.shape[0]), max(0, t - img.shape[1])
+        if ph or pw:
+            img = np.pad(img, ((0, ph), (0, pw)), mode="reflect")
+        y = int(rng.integers(0, img.shape[0] - t + 1))
+        x = int(rng.integers(0, img.shape[1] - t + 1))
+        crop = img[y : y + t, x : x + t]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        if rng.random() < 0.5:
+            crop = crop[::-1]
+        crop = np.rot90(crop, int(rng.integers(4)))
+        return torch.from_numpy(np.ascontiguousarray(crop)[None].astype(np.float32))
