@@ -211,6 +211,45 @@ def cmd_predict(params: Params, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(params: Params, args: argparse.Namespace) -> int:
+    from srpu_pipelines.steps_active import run_score
+
+    res = run_score(params, _tracker(params), progress=not args.quiet)
+    print(
+        f"pool scored with {res['model_key']}: {res['computed']} images computed, "
+        f"{res['kept']} kept (scores still current), {len(res['failed'])} failed"
+    )
+    for f in res["failed"]:
+        print(f"  not scored {f['id']}: {f['reason']}")
+    return 0
+
+
+def cmd_select(params: Params, args: argparse.Namespace) -> int:
+    from srpu_pipelines.steps_active import run_select
+
+    res = run_select(params, _tracker(params))
+    s = res["summary"]
+    state = "written" if res["new"] else "unchanged (same model and labels as before)"
+    print(f"round {res['round']}: {len(s['selected'])} items in {res['folder']}, {state}")
+    for it in s["selected"]:
+        print(f"  {it['rank']:>3}. {it['id']}  score {it['combined_score']:.3f}")
+    print(s["how_to"])
+    return 0
+
+
+def cmd_labels(params: Params, args: argparse.Namespace) -> int:
+    from srpu_pipelines.active_learning.rounds import new_labels
+    from srpu_pipelines.data.index import load_index
+
+    pairs, problems = new_labels(params, load_index(params.data.index_path))
+    print(f"{len(pairs)} new or changed labelled pair(s), {len(problems)} problem(s)")
+    for p in pairs:
+        print(f"  new {p.id}: {p.mask}")
+    for p in problems:
+        print(f"  problem {p}")
+    return 1 if problems else 0
+
+
 def cmd_bench(params: Params, args: argparse.Namespace) -> int:
     from srpu_pipelines.bench import bench_ssl, bench_supervised
 
@@ -305,6 +344,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="make the newly trained model champion if its val mIoU is not below the champion's",
     )
     p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser(
+        "score", help="uncertainty and embeddings of every pool image with the champion (active.*)"
+    )
+    p.set_defaults(func=cmd_score)
+    p = sub.add_parser(
+        "select", help="pick the next items to label over the stored scores; write the round folder"
+    )
+    p.set_defaults(func=cmd_select)
+    p = sub.add_parser(
+        "labels", help="list new labelled pairs not yet indexed and every problem (exit 1 if any)"
+    )
+    p.set_defaults(func=cmd_labels)
 
     p = sub.add_parser("bench", help="benchmarks that print JSON (not tests)")
     bsub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")

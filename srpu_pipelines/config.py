@@ -333,6 +333,107 @@ class TrackingParams(_Strict):
     registered_model: str = Field(default="srpu-segmenter", min_length=1)
 
 
+class EnsembleParams(_Strict):
+    """How several predictions of one image are made, for the ``variance`` strategies."""
+
+    method: Literal["tta", "mc_dropout", "none"] = Field(
+        default="tta",
+        description="tta: flips and 90-degree turns; mc_dropout: dropout on the encoder's "
+        "features at inference; none: one prediction (no variance strategies)",
+    )
+    members: int = Field(default=4, ge=1, le=8, description="predictions per image")
+    dropout: float = Field(default=0.2, gt=0, lt=1, description="mc_dropout: drop probability")
+
+
+class ActiveParams(_Strict):
+    """Active learning: scoring the pool with the champion, selecting what a person labels
+    next, the rounds and when they stop."""
+
+    out_dir: Path = Path("outputs/active")
+    unit: Literal["image", "tile"] = Field(
+        default="image", description="what is selected and labelled: whole images or tiles"
+    )
+    tile_size: int = Field(default=256, ge=32, description="side of a selection tile in px")
+    batch_size: int = Field(default=4, ge=1, description="items selected per round")
+    strategies: list[str] = Field(
+        default_factory=lambda: [
+            "entropy",
+            "least_confidence",
+            "margin",
+            "variance",
+            "boundary_entropy",
+            "boundary_margin",
+        ],
+        min_length=1,
+        description="uncertainty scores computed and stored per image and tile",
+    )
+    aggregation: Literal["mean", "topk", "class_balanced"] = Field(
+        default="class_balanced", description="how pixel uncertainty becomes one number"
+    )
+    topk_fraction: float = Field(default=0.1, gt=0, le=1)
+    boundary_width: int = Field(default=3, ge=1, le=64, description="px around phase boundaries")
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {"entropy": 1.0, "boundary_margin": 1.0, "variance": 1.0},
+        description="strategy -> weight of its rank-normalised score in the combined score",
+    )
+    diversity: Literal["none", "coreset", "kmeans"] = Field(
+        default="coreset", description="spread the batch over encoder embeddings"
+    )
+    candidate_factor: float = Field(
+        default=3.0,
+        ge=1.0,
+        description="diversity picks among the top candidate_factor x batch_size by score",
+    )
+    cold_start: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="auto: typical, diverse images (k-means on appearance) while there is no "
+        "champion model",
+    )
+    ensemble: EnsembleParams = EnsembleParams()
+    labeled_dataset: str | None = Field(
+        default=None,
+        description="sub-dataset whose labelled folder receives corrected masks "
+        "(null = the first with a labelled folder)",
+    )
+    min_new_masks: int = Field(
+        default=2, ge=1, description="the sensor starts a round when this many new masks are in"
+    )
+    max_rounds: int = Field(default=20, ge=1)
+    stop_min_gain: float = Field(
+        default=0.005, ge=0, description="stop when validation mIoU gains less than this ..."
+    )
+    stop_patience: int = Field(default=2, ge=1, description="... for this many rounds in a row")
+
+    @field_validator("strategies")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        from srpu_pipelines.active_learning.uncertainty import check_strategy
+
+        for s in v:
+            check_strategy(s)
+        if len(set(v)) != len(v):
+            raise ValueError(f"strategies repeated: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _weights(self) -> ActiveParams:
+        unknown = sorted(set(self.weights) - set(self.strategies))
+        if unknown:
+            raise ValueError(
+                f"weights name strategies that are not computed: {unknown}; add them to "
+                f"active.strategies ({self.strategies})"
+            )
+        if any(w < 0 for w in self.weights.values()):
+            raise ValueError("weights must be >= 0")
+        variance = [s for s in self.strategies if s.endswith("variance")]
+        if variance and (self.ensemble.method == "none" or self.ensemble.members < 2):
+            raise ValueError(
+                f"strategies {variance} need an ensemble: ensemble.method tta or mc_dropout "
+                "and ensemble.members >= 2"
+            )
+        return self
+
+
 class Params(_Strict):
     seed: int = 0
     classes: list[ClassSpec] = Field(min_length=2)
@@ -346,6 +447,7 @@ class Params(_Strict):
     demo: DemoParams = DemoParams()
     tracking: TrackingParams = TrackingParams()
     pretrain: PretrainParams = PretrainParams()
+    active: ActiveParams = ActiveParams()
     stages: list[StageSpec] = Field(
         default_factory=lambda: [StageSpec(name="train")],
         min_length=1,
@@ -397,6 +499,12 @@ class Params(_Strict):
                     f"mask.grey_levels needs one grey level per class ({len(names)}) "
                     "when mask.encoding is 'grey'"
                 )
+        ds = self.active.labeled_dataset
+        if ds is not None and ds not in [d.name for d in self.data.datasets]:
+            raise ValueError(
+                f"active.labeled_dataset {ds!r} is no sub-dataset; valid: "
+                f"{[d.name for d in self.data.datasets]}"
+            )
         cw = self.train.loss.class_weights
         if cw is not None and len(cw) != len(names):
             raise ValueError(f"train.loss.class_weights needs {len(names)} entries (one per class)")

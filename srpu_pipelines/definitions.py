@@ -11,6 +11,7 @@ import os
 
 import dagster as dg
 
+from srpu_pipelines.assets.active_learning import selected_batch, uncertainty_scores
 from srpu_pipelines.assets.data import dataset_index, masks_decode_and_fit, splits_hold_every_class
 from srpu_pipelines.assets.evaluation import (
     champion_model,
@@ -31,7 +32,8 @@ CHECKS = [masks_decode_and_fit, splits_hold_every_class, not_worse_than_champion
 
 def pipeline_assets(params: Params) -> list[dg.AssetsDefinition]:
     """Every asset for ``params``: index, the MAE encoder (when a stage starts from it),
-    one per training stage, evaluation, champion, predictions."""
+    one per training stage, evaluation, champion, predictions, the pool's uncertainty
+    scores and the next batch to label."""
     final = stage_asset_name(params.stages[-1].name)
     return [
         dataset_index,
@@ -40,6 +42,8 @@ def pipeline_assets(params: Params) -> list[dg.AssetsDefinition]:
         evaluation_asset(final),
         champion_model,
         predictions,
+        uncertainty_scores,
+        selected_batch,
     ]
 
 
@@ -49,7 +53,7 @@ def build_definitions(params: Params) -> dg.Definitions:
         "srpu_pipeline",
         selection=dg.AssetSelection.all(),
         description="index -> MAE encoder -> training stages -> evaluate -> (gate) -> "
-        "promote -> predict",
+        "promote -> predict, score the pool -> select the next batch",
     )
     return dg.Definitions(
         assets=pipeline_assets(params),

@@ -157,6 +157,21 @@ def dvc_stages(params: Params) -> dict[str, Any]:
         "params": ["classes", "predict", "inference", "evaluate.checkpoint", "tracking"],
         "outs": [_p(params.predict.out_dir)],
     }
+    al = Path(params.active.out_dir)
+    stages["uncertainty_scores"] = {
+        "cmd": "srpu -q score",
+        "deps": [idx, _p(ev / "promotion.json"), "srpu_pipelines/active_learning"],
+        "params": ["classes", "active", "inference", "tracking"],
+        # one record per pool image and model version: kept, only stale ones are redone
+        "outs": [_kept(al / "scores")],
+    }
+    stages["selected_batch"] = {
+        "cmd": "srpu -q select",
+        "deps": [idx, _p(al / "scores"), "srpu_pipelines/active_learning"],
+        "params": ["seed", "classes", "mask.suffix", "active", "tracking"],
+        # rounds are what people correct: never deleted, a new one per model and label set
+        "outs": [_kept(al / "rounds")],
+    }
     return stages
 
 

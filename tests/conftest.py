@@ -75,6 +75,12 @@ def tiny_params_dict(tmp: Path, **overrides: Any) -> dict[str, Any]:
             "reconstructions": 1,
         },
         "inference": {"tile_size": 64, "batch_size": 4},
+        "active": {
+            "out_dir": str(tmp / "out/active"),
+            "tile_size": 32,
+            "batch_size": 2,
+            "ensemble": {"members": 2},
+        },
         "evaluate": {"out_dir": str(tmp / "out/eval"), "overlays": 1},
         "predict": {
             "input_dir": str(tmp / "demo/predict"),

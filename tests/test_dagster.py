@@ -31,7 +31,14 @@ def test_definitions_load():
     job = defs.resolve_job_def("srpu_pipeline")
     keys = {k.to_user_string() for k in job.asset_layer.asset_graph.get_all_asset_keys()}
     stages = {f"train_{s.name}" for s in PARAMS.stages}
-    assert {"dataset_index", "evaluation", "champion_model", "predictions"} | stages <= keys
+    assert {
+        "dataset_index",
+        "evaluation",
+        "champion_model",
+        "predictions",
+        "uncertainty_scores",
+        "selected_batch",
+    } | stages <= keys
     assert ("mae_encoder" in keys) == any(s.init == "mae" for s in PARAMS.stages)
 
 
@@ -91,6 +98,11 @@ def test_materialize_everything(resources):
     assert checks["masks_decode_and_fit"] and checks["not_worse_than_champion"]
     assert FAKE.aliases == {"challenger": "1", CHAMPION: "1"}
     assert len(list((tmp / "out/pred").glob("*_pred.png"))) == 1
+    scores = _metadata(result, "uncertainty_scores")
+    assert scores["computed"].value == 4 and scores["model_key"].value.startswith("srpu-test/v1:")
+    batch = _metadata(result, "selected_batch")
+    assert batch["round"].value == 1 and batch["items"].value == 2
+    assert batch["batch"].value.count("data:image/png") == 6  # image, mask, heat map each
     names = [r["name"] for r in FAKE.runs.values()]
     assert names == ["mae_encoder", "train_head", "train_tune"]  # one MLflow run each
     run = FAKE.runs[FAKE.versions[0].run_id]

@@ -50,6 +50,7 @@ def project(tmp_path_factory) -> Path:
     params["train"].update({k: v for k, v in base["train"].items() if k != "out_dir"})
     params["inference"].update(base["inference"])
     params["pretrain"].update({k: v for k, v in base["pretrain"].items() if k != "out_dir"})
+    params["active"].update({k: v for k, v in base["active"].items() if k != "out_dir"})
     params["demo"].update(
         {k: v for k, v in base["demo"].items() if k not in ("out_dir", "datasets")}
     )
@@ -72,6 +73,8 @@ STAGES = [
     "evaluation",
     "champion_model",
     "predictions",
+    "uncertainty_scores",
+    "selected_batch",
 ]
 
 

@@ -185,6 +185,7 @@ def test_dagster_ui_shows_the_assets_and_their_materialisations(demo_instance):
             "training": ["mae_encoder", "train_decoder", "train_finetune"],
             "evaluation": ["evaluation", "champion_model"],
             "inference": ["predictions"],
+            "active_learning": ["uncertainty_scores", "selected_batch"],
         }
         for group, names in groups.items():
             url = f"http://127.0.0.1:{port}/asset-groups~group%3A%22{group}%22"

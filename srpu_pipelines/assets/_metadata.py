@@ -26,15 +26,25 @@ def iou_table(metrics: dict[str, Any]) -> dg.MetadataValue:
     return dg.MetadataValue.md("\n".join(rows))
 
 
-def image_preview(path: str | Path | np.ndarray, max_width: int = 640) -> dg.MetadataValue:
-    """A PNG shown inline (base64 markdown), scaled down to ``max_width``."""
-    im = Image.fromarray(path) if isinstance(path, np.ndarray) else Image.open(path)
+def png_md(path: str | Path | np.ndarray, max_width: int = 640) -> str:
+    """Markdown for a PNG shown inline (base64), scaled down to ``max_width``; 16-bit
+    micrographs are stretched to 8 bits for display."""
+    arr = np.asarray(path if isinstance(path, np.ndarray) else Image.open(path))
+    if arr.dtype != np.uint8:
+        a = arr.astype(np.float64)
+        arr = ((a - a.min()) / max(float(np.ptp(a)), 1e-9) * 255).astype(np.uint8)
+    im = Image.fromarray(arr)
     if im.width > max_width:
-        im = im.resize((max_width, round(im.height * max_width / im.width)))
+        im = im.resize((max_width, max(1, round(im.height * max_width / im.width))))
     buf = io.BytesIO()
     im.convert("RGB").save(buf, format="PNG")
     data = base64.b64encode(buf.getvalue()).decode()
-    return dg.MetadataValue.md(f"![preview](data:image/png;base64,{data})")
+    return f"![preview](data:image/png;base64,{data})"
+
+
+def image_preview(path: str | Path | np.ndarray, max_width: int = 640) -> dg.MetadataValue:
+    """A PNG shown inline in the UI, scaled down to ``max_width``."""
+    return dg.MetadataValue.md(png_md(path, max_width))
 
 
 def curve_png(history: list[dict], loss_key: str, loss_label: str) -> np.ndarray:

@@ -1,0 +1,317 @@
+"""Scoring the pool: uncertainty per image and tile, and embeddings, stored per image.
+
+Scoring is the expensive half of active learning, so its results are kept: one JSON record
+(scores) and one ``.npy`` (embeddings, one row per tile) per pool image under
+``active.out_dir/scores``. A record names the model that made it (``model_key``: registry
+version and checkpoint hash), the image's content hash and the scoring settings; a record
+that differs in any of them is stale and is recomputed, the others are kept. Images are
+streamed one at a time, so memory does not grow with the pool, and an interrupted scoring
+run resumes where it stopped.
+
+Without a model (cold start) the record holds appearance features instead of embeddings:
+intensity and texture histograms that need no training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from srpu_pipelines.active_learning.uncertainty import (
+    score_probabilities,
+    tile_grid,
+)
+from srpu_pipelines.analysis.inference import autocast_ctx, predict_probs, use_bf16
+from srpu_pipelines.config import Params
+from srpu_pipelines.data.dataset import standardize, stretch
+from srpu_pipelines.data.imageio import ImageReadError, read_grey
+from srpu_pipelines.io_utils import atomic_write_json, atomic_write_with, read_json
+
+log = logging.getLogger(__name__)
+COLD_KEY = "cold-start"  # model_key of records made without a model
+SCORES_VERSION = 1
+
+
+def safe_name(item_id: str) -> str:
+    """A file name for an item id (``dataset/name``, maybe with spaces or unicode)."""
+    return item_id.replace("/", "__")
+
+
+def tile_id(image_id: str, y: int, x: int) -> str:
+    """The id a selected tile gets, and keeps when its corrected mask is labelled."""
+    return f"{image_id}__y{y}_x{x}"
+
+
+# -- ensembles ---------------------------------------------------------------------------
+class _Dihedral(nn.Module):
+    """The model seen through a flip and a quarter turn (undone on the output)."""
+
+    def __init__(self, model: nn.Module, turns: int, flip: bool):
+        super().__init__()
+        self.model, self.turns, self.flip = model, turns, flip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.rot90(x, self.turns, (2, 3))
+        y = y.flip(3) if self.flip else y
+        out = self.model(y)
+        out = out.flip(3) if self.flip else out
+        return torch.rot90(out, -self.turns, (2, 3))
+
+
+_DIHEDRAL = [(0, False), (0, True), (1, False), (2, False), (3, False), (1, True), (2, True)]
+
+
+def _mc_dropout_hook(p: float):
+    def hook(_module: nn.Module, _inp: Any, out: Any) -> Any:
+        if isinstance(out, list | tuple):
+            return type(out)(F.dropout2d(f, p, training=True) if f.ndim == 4 else f for f in out)
+        return F.dropout2d(out, p, training=True)
+
+    return hook
+
+
+def ensemble_probs(
+    model: nn.Module, image: np.ndarray, params: Params, in_channels: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Mean probabilities (C, H, W) over the ensemble members and their variance (H, W)
+    (None for a single member). Members are accumulated one at a time (Welford), so
+    memory is two probability maps whatever the ensemble size."""
+    ens, inf = params.active.ensemble, params.inference
+    kw = dict(
+        tile=inf.tile_size,
+        overlap=inf.overlap,
+        batch_size=inf.batch_size,
+        bf16=use_bf16(inf.precision),
+        in_channels=in_channels,
+    )
+    m = 1 if ens.method == "none" else ens.members
+    mean = m2 = None
+    handle = None
+    if ens.method == "mc_dropout":
+        handle = model.encoder.register_forward_hook(_mc_dropout_hook(ens.dropout))
+    try:
+        for i in range(m):
+            net = model
+            if ens.method == "tta":
+                turns, flip = _DIHEDRAL[i % len(_DIHEDRAL)]
+                net = _Dihedral(model, turns, flip)
+            if ens.method == "mc_dropout":
+                torch.manual_seed(1000 + i)  # the same members every run: scores reproduce
+            p = predict_probs(net, image, **kw).astype(np.float64)
+            if mean is None:
+                mean, m2 = p, np.zeros_like(p)
+            else:
+                delta = p - mean
+                mean = mean + delta / (i + 1)
+                m2 = m2 + delta * (p - mean)
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert mean is not None and m2 is not None
+    var = (m2 / m).mean(0).astype(np.float32) if m > 1 else None
+    return mean.astype(np.float32), var
+
+
+# -- embeddings and appearance features ----------------------------------------------------
+@torch.no_grad()
+def tile_embeddings(
+    model: nn.Module,
+    image: np.ndarray,
+    tiles: list[tuple[int, int, int, int]],
+    in_channels: int,
+    bf16: bool,
+) -> np.ndarray:
+    """(n_tiles, D) float32: the encoder's deepest feature map averaged over each tile of
+    the standardised image (tiles reflect-padded to a multiple of 32)."""
+    model.eval()
+    rows = []
+    for y, x, h, w in tiles:
+        crop = image[y : y + h, x : x + w]
+        ph, pw = (-h) % 32, (-w) % 32
+        if ph or pw:
+            crop = np.pad(crop, ((0, ph), (0, pw)), mode="reflect" if min(h, w) > 1 else "edge")
+        t = torch.from_numpy(np.ascontiguousarray(crop, np.float32))[None, None]
+        with autocast_ctx(bf16):
+            feats = model.encoder(t.expand(-1, in_channels, -1, -1))
+        deepest = feats[-1] if isinstance(feats, list | tuple) else feats
+        rows.append(deepest.float().mean((2, 3))[0].numpy())
+    return np.stack(rows).astype(np.float32)
+
+
+def appearance_features(image01: np.ndarray) -> np.ndarray:
+    """A model-free description of a (stretched) grey micrograph, float32 (40,): histograms
+    of standardised intensity and of gradient magnitude at full and quarter resolution.
+    Similar microstructures give similar vectors; what cold-start selection clusters."""
+    out = []
+    img = standardize(image01)
+    for scale in (1, 4):
+        im = img[::scale, ::scale] if scale > 1 else img
+        out.append(np.histogram(np.clip(im, -3, 3), bins=10, range=(-3, 3))[0] / im.size)
+        gy, gx = np.gradient(im)
+        g = np.hypot(gx, gy)
+        out.append(np.histogram(np.clip(g, 0, 3), bins=10, range=(0, 3))[0] / g.size)
+    return np.concatenate(out).astype(np.float32)
+
+
+# -- the store ------------------------------------------------------------------------------
+def settings_key(params: Params) -> str:
+    """What makes stored scores comparable besides the model and the image."""
+    a = params.active
+    keys = {
+        "v": SCORES_VERSION,
+        "strategies": sorted(a.strategies),
+        "tile_size": a.tile_size,
+        "topk_fraction": a.topk_fraction,
+        "boundary_width": a.boundary_width,
+        "ensemble": a.ensemble.model_dump(),
+        "inference": params.inference.model_dump(),
+    }
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def scores_dir(params: Params) -> Path:
+    return Path(params.active.out_dir) / "scores"
+
+
+def record_paths(params: Params, item_id: str) -> tuple[Path, Path]:
+    base = scores_dir(params) / safe_name(item_id)
+    return base.with_suffix(".json"), base.with_suffix(".npy")
+
+
+def is_fresh(
+    record: dict[str, Any] | None, item: dict[str, Any], model_key: str, settings: str
+) -> bool:
+    return (
+        record is not None
+        and record.get("model_key") == model_key
+        and record.get("image_sha256") == item["image_sha256"]
+        and record.get("settings") == settings
+    )
+
+
+def load_record(params: Params, item_id: str) -> dict[str, Any] | None:
+    """The stored record of one pool image, or None when there is none or it is unreadable
+    (then it is recomputed)."""
+    js, npy = record_paths(params, item_id)
+    if not (js.is_file() and npy.is_file()):
+        return None
+    try:
+        return read_json(js)
+    except ValueError as e:
+        log.warning("%s; it will be recomputed", e)
+        return None
+
+
+def load_embeddings(params: Params, item_id: str) -> np.ndarray:
+    """(n_tiles, D) embeddings (or appearance features) of a scored image."""
+    return np.load(record_paths(params, item_id)[1])
+
+
+def score_image(
+    params: Params,
+    item: dict[str, Any],
+    model: nn.Module | None,
+    in_channels: int,
+    model_key: str,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Score one pool image: (record, embeddings (n_tiles, D))."""
+    a = params.active
+    image01 = stretch(read_grey(item["image"]))
+    h, w = image01.shape
+    tiles = tile_grid(h, w, a.tile_size)
+    record: dict[str, Any] = {
+        "id": item["id"],
+        "dataset": item["dataset"],
+        "image": item["image"],
+        "image_sha256": item["image_sha256"],
+        "height": h,
+        "width": w,
+        "model_key": model_key,
+        "settings": settings_key(params),
+    }
+    if model is None:
+        feats = np.stack(
+            [appearance_features(image01[y : y + th, x : x + tw]) for y, x, th, tw in tiles]
+        )
+        record["image_scores"] = {}
+        record["tiles"] = [
+            {"y": y, "x": x, "h": th, "w": tw, "scores": {}} for y, x, th, tw in tiles
+        ]
+        return record, feats
+    img = standardize(image01)
+    probs, var = ensemble_probs(model, img, params, in_channels)
+    sc = score_probabilities(
+        probs, var, a.strategies, a.boundary_width, a.topk_fraction, tiles=tiles
+    )
+    fractions = np.bincount(probs.argmax(0).ravel(), minlength=probs.shape[0]) / probs[0].size
+    record["image_scores"] = sc["image"]
+    record["tiles"] = sc["tiles"]
+    record["predicted_fractions"] = [round(float(f), 6) for f in fractions]
+    emb = tile_embeddings(model, img, tiles, in_channels, use_bf16(params.inference.precision))
+    return record, emb
+
+
+def score_pool(
+    params: Params,
+    index: dict[str, Any],
+    checkpoint: str | Path | None,
+    model_key: str,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score every pool image whose stored record is stale (another model, image content or
+    settings) or missing; keep the rest. ``checkpoint`` None scores for a cold start.
+
+    Writes ``scores/summary.json`` (per image: its scores per strategy and aggregation, the
+    model key; the same bytes when nothing changed) and returns it with the counts
+    ``computed``, ``kept`` and the ``failed`` images."""
+    from srpu_pipelines.analysis.evaluate import load_checked
+
+    model, in_ch = None, params.model.in_channels
+    if checkpoint is not None:
+        model, cfg = load_checked(params, checkpoint)
+        in_ch = cfg["in_channels"]
+    settings = settings_key(params)
+    pool = index.get("pool", [])
+    computed, kept, failed = 0, 0, []
+    rows = []
+    for item in tqdm(pool, desc="score pool", disable=not progress, unit="img"):
+        rec = load_record(params, item["id"])
+        if is_fresh(rec, item, model_key, settings):
+            kept += 1
+        else:
+            try:
+                rec, emb = score_image(params, item, model, in_ch, model_key)
+            except ImageReadError as e:
+                log.warning("not scored: %s", e)
+                failed.append({"id": item["id"], "reason": str(e)})
+                continue
+            js, npy = record_paths(params, item["id"])
+            atomic_write_with(npy, lambda tmp, emb=emb: np.save(tmp, emb))
+            atomic_write_json(js, rec)  # the record last: it vouches for the .npy
+            computed += 1
+        rows.append(
+            {
+                "id": rec["id"],
+                "dataset": rec["dataset"],
+                "tiles": len(rec["tiles"]),
+                "scores": rec["image_scores"],
+            }
+        )
+    summary = {
+        "model_key": model_key,
+        "settings": settings,
+        "aggregation": params.active.aggregation,
+        "images": rows,
+        "failed": failed,
+    }
+    atomic_write_json(scores_dir(params) / "summary.json", summary)
+    return {**summary, "computed": computed, "kept": kept}

@@ -1,0 +1,85 @@
+"""Active-learning assets: the pool's uncertainty scores (stored per image and model
+version) and the batch a person labels next (a round folder)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+
+from srpu_pipelines.assets._metadata import png_md
+from srpu_pipelines.resources.dagster_resources import MlflowResource, ParamsResource
+from srpu_pipelines.steps_active import run_score, run_select
+
+
+@dg.asset(
+    group_name="active_learning",
+    deps=["dataset_index", "champion_model"],
+    description="Uncertainty of every pool image and tile under the champion (srpu score); "
+    "only scores made by another model, or of changed images, are recomputed.",
+)
+def uncertainty_scores(params: ParamsResource, mlflow: MlflowResource) -> dg.MaterializeResult:
+    p = params.load()
+    res = run_score(p, mlflow.tracker(p), progress=False)
+    agg = p.active.aggregation
+    strategies = list(p.active.strategies)
+    rows = [f"| image | {' | '.join(strategies)} |", "| --- |" + " ---: |" * len(strategies)]
+    ranked = sorted(
+        res["images"], key=lambda r: -(r["scores"].get(strategies[0], {}).get(agg, 0.0))
+    )
+    for r in ranked[:25]:
+        vals = [r["scores"].get(s, {}).get(agg) for s in strategies]
+        rows.append(
+            f"| {r['id']} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals) + " |"
+        )
+    return dg.MaterializeResult(
+        metadata={
+            "model_key": res["model_key"],
+            "pool_images": len(res["images"]),
+            "computed": res["computed"],
+            "kept": res["kept"],
+            "failed": len(res["failed"]),
+            f"scores ({agg}, top 25 by {strategies[0]})": dg.MetadataValue.md("\n".join(rows)),
+        }
+    )
+
+
+def batch_table(summary: dict[str, Any]) -> str:
+    """Markdown: rank | item | score | image | predicted mask | uncertainty, per selection."""
+    rows = [
+        "| rank | item | combined score | image | predicted mask | uncertainty |",
+        "| ---: | --- | ---: | --- | --- | --- |",
+    ]
+    for s in summary["selected"]:
+        pics = [
+            png_md(s[k], 160) if s.get(k) else "-"
+            for k in ("image_file", "mask_file", "uncertainty_file")
+        ]
+        rows.append(
+            f"| {s['rank']} | {s['id']} | {s['combined_score']:.3f} | " + " | ".join(pics) + " |"
+        )
+    return "\n".join(rows)
+
+
+@dg.asset(
+    group_name="active_learning",
+    deps=["uncertainty_scores"],
+    description="The next items to label (srpu select): a round folder with each image, its "
+    "predicted colour mask to correct and an uncertainty heat map.",
+)
+def selected_batch(params: ParamsResource, mlflow: MlflowResource) -> dg.MaterializeResult:
+    p = params.load()
+    res = run_select(p, mlflow.tracker(p))
+    s = res["summary"]
+    return dg.MaterializeResult(
+        metadata={
+            "round": res["round"],
+            "folder": dg.MetadataValue.path(str(res["folder"])),
+            "new_round": res["new"],
+            "model_key": s["model_key"],
+            "cold_start": s["cold_start"],
+            "items": len(s["selected"]),
+            "batch": dg.MetadataValue.md(batch_table(s)),
+            "how_to": s["how_to"],
+        }
+    )

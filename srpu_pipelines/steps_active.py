@@ -1,0 +1,132 @@
+"""Active-learning steps shared by the Dagster assets and the CLI: score the pool with the
+champion, select the next batch and write the round folder.
+
+The model is the registry's champion (``active`` scores are stored with its version);
+without tracking, the final stage's best checkpoint. Without any model yet, scoring runs
+in cold-start mode (appearance features, no uncertainty).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from srpu_pipelines.config import Params
+from srpu_pipelines.io_utils import sha256_file
+from srpu_pipelines.resources.tracking import Tracker
+from srpu_pipelines.steps import CHAMPION, final_dir
+
+log = logging.getLogger(__name__)
+
+
+def scoring_model(params: Params, tracker: Tracker | None) -> tuple[Path | None, str]:
+    """(checkpoint, model key) of the model that scores the pool; (None, COLD_KEY) when
+    there is no model yet (or ``active.cold_start: always``)."""
+    from srpu_pipelines.active_learning.scoring import COLD_KEY
+
+    a = params.active
+    if a.cold_start == "always":
+        return None, COLD_KEY
+    ckpt: Path | None = None
+    key = ""
+    if tracker is not None:
+        mv = tracker.get_alias(CHAMPION)
+        if mv is not None:
+            ckpt = tracker.fetch_checkpoint(CHAMPION, Path(params.predict.models_cache))
+            key = f"{tracker.registered_model}/v{mv.version}"
+    else:
+        best = final_dir(params) / "best.pt"
+        if best.is_file():
+            ckpt, key = best, "checkpoint"
+    if ckpt is None:
+        if a.cold_start == "never":
+            raise ValueError(
+                "active.cold_start: never, but there is no champion model to score with: "
+                "train and promote one first (srpu train, srpu promote)"
+            )
+        return None, COLD_KEY
+    return ckpt, f"{key}:{sha256_file(ckpt)[:12]}"
+
+
+def run_score(params: Params, tracker: Tracker | None, progress: bool = True) -> dict[str, Any]:
+    """Score the pool; only images whose stored scores are stale are recomputed."""
+    from srpu_pipelines.active_learning.scoring import score_pool
+    from srpu_pipelines.data.index import load_index
+
+    ckpt, key = scoring_model(params, tracker)
+    index = load_index(params.data.index_path)
+    out = score_pool(params, index, ckpt, key, progress=progress)
+    log.info("scored %d pool images, kept %d (model %s)", out["computed"], out["kept"], key)
+    return out
+
+
+def _predictor(params: Params, checkpoint: Path):
+    """item -> (labels (h, w), entropy (h, w)) of its image or tile; one image cached."""
+    from srpu_pipelines.active_learning.scoring import ensemble_probs
+    from srpu_pipelines.active_learning.uncertainty import entropy_map
+    from srpu_pipelines.analysis.evaluate import load_checked
+    from srpu_pipelines.data.dataset import standardize, stretch
+    from srpu_pipelines.data.imageio import read_grey
+
+    model, cfg = load_checked(params, checkpoint)
+    cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def predict(item: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        if item["image_id"] not in cache:
+            cache.clear()
+            img = standardize(stretch(read_grey(item["image"])))
+            probs, _ = ensemble_probs(model, img, params, cfg["in_channels"])
+            cache[item["image_id"]] = (probs.argmax(0).astype(np.uint8), entropy_map(probs))
+        labels, unc = cache[item["image_id"]]
+        if item["box"] is None:
+            return labels, unc
+        y, x, h, w = item["box"]
+        return labels[y : y + h, x : x + w], unc[y : y + h, x : x + w]
+
+    return predict
+
+
+def run_select(params: Params, tracker: Tracker | None) -> dict[str, Any]:
+    """Select the next batch over the stored scores and write its round folder. With the
+    same model and labelled data as the latest round, that round is returned unchanged."""
+    from srpu_pipelines.active_learning.rounds import (
+        awaiting_ids,
+        labeled_revision,
+        load_summary,
+        open_round,
+        round_folders,
+        write_round,
+    )
+    from srpu_pipelines.active_learning.selection import candidates, is_cold, select
+    from srpu_pipelines.data.index import load_index
+
+    index = load_index(params.data.index_path)
+    ckpt, key = scoring_model(params, tracker)
+    revision = labeled_revision(index)
+    existing = open_round(params, key, revision)
+    if existing is not None:
+        n, folder = existing
+        return {"round": n, "folder": folder, "summary": load_summary(folder), "new": False}
+    awaiting = awaiting_ids(params, index)
+    cands, unscored = candidates(params, index, key, awaiting)
+    if unscored:
+        raise ValueError(
+            f"{len(unscored)} pool image(s) have no scores from model {key} "
+            f"(e.g. {unscored[:3]}): run `srpu score` (or materialize uncertainty_scores) first"
+        )
+    if not cands:
+        raise ValueError(
+            "nothing left to select: every pool image is labelled or awaiting correction "
+            f"({len(awaiting)} awaiting)"
+        )
+    cold = is_cold(params, key)
+    rounds = round_folders(params)
+    number = rounds[-1][0] + 1 if rounds else 1
+    chosen = select(params, cands, cold, seed=params.seed * 1000 + number)
+    predict = _predictor(params, ckpt) if ckpt is not None else (lambda item: None)
+    n, folder, summary = write_round(params, chosen, predict, key, revision, cold)
+    log.info("round %d: %d items selected into %s", n, len(chosen), folder)
+    return {"round": n, "folder": folder, "summary": summary, "new": True}

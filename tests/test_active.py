@@ -1,0 +1,322 @@
+"""Active learning: strategies on constructed probabilities with known answers, selection
+and its exclusions, stale-score recomputation, round folders and what comes back."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from srpu_pipelines.active_learning import uncertainty as U
+from srpu_pipelines.active_learning.rounds import awaiting_ids, new_labels, round_folders
+from srpu_pipelines.active_learning.scoring import COLD_KEY, score_pool, tile_id
+from srpu_pipelines.active_learning.selection import (
+    Candidate,
+    candidates,
+    combined_scores,
+    k_center_greedy,
+    rank_normalise,
+    select,
+)
+from srpu_pipelines.config import parse_params
+from srpu_pipelines.data.masks import MaskCodec
+from srpu_pipelines.models.checkpoint import model_config, save_checkpoint
+from srpu_pipelines.models.factory import model_from_params
+from srpu_pipelines.steps import final_dir, run_index
+from srpu_pipelines.steps_active import run_score, run_select
+from tests.conftest import color_mask, save, tiny_params_dict
+
+
+def _probs(*columns: list[float]) -> np.ndarray:
+    """(C, 1, N) probabilities, one column per pixel."""
+    return np.array(columns, np.float32).T[:, None, :]
+
+
+# -- strategies --------------------------------------------------------------------------
+def test_pixel_strategies_known_values():
+    p = _probs([1 / 3, 1 / 3, 1 / 3], [1.0, 0.0, 0.0], [0.6, 0.3, 0.1])
+    ent = U.entropy_map(p)[0]
+    assert ent[0] == pytest.approx(1.0, abs=1e-6)
+    assert ent[1] == pytest.approx(0.0, abs=1e-6)
+    h = -(0.6 * math.log(0.6) + 0.3 * math.log(0.3) + 0.1 * math.log(0.1)) / math.log(3)
+    assert ent[2] == pytest.approx(h, abs=1e-5)
+    lc = U.least_confidence_map(p)[0]
+    assert lc == pytest.approx([1.0, 0.0, 0.4 * 3 / 2], abs=1e-6)
+    mg = U.margin_map(p)[0]
+    assert mg == pytest.approx([1.0, 0.0, 0.7], abs=1e-6)
+
+
+def test_variance_is_zero_for_agreeing_members_and_one_for_opposite_ones():
+    same = np.stack([_probs([0.7, 0.3])] * 3)  # (M, C, 1, 1)
+    assert U.variance_map(None, U.member_variance(same))[0, 0] == pytest.approx(0.0)
+    opposite = np.stack([_probs([1.0, 0.0]), _probs([0.0, 1.0])])
+    assert U.variance_map(None, U.member_variance(opposite))[0, 0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="ensemble members"):
+        U.variance_map(_probs([0.5, 0.5]), None)
+
+
+def test_boundary_mask_marks_pixels_next_to_another_class():
+    labels = np.zeros((4, 8), np.int64)
+    labels[:, 4:] = 1
+    b = U.boundary_mask(labels, width=1)
+    assert b[:, 3:5].all() and not b[:, :3].any() and not b[:, 5:].any()
+    assert not U.boundary_mask(np.zeros((5, 5), np.int64), 2).any()
+
+
+def test_aggregations_mean_topk_and_class_balanced():
+    # 90 pixels of class 0 at 0.1, 10 of (rare) class 1 at 0.9
+    values = np.array([0.1] * 90 + [0.9] * 10, np.float32).reshape(10, 10)
+    labels = np.array([0] * 90 + [1] * 10).reshape(10, 10)
+    a = U.aggregate(values, np.ones((10, 10), bool), labels, 2, topk_fraction=0.1)
+    assert a["mean"] == pytest.approx(0.18)
+    assert a["topk"] == pytest.approx(0.9)
+    assert a["class_balanced"] == pytest.approx(0.5)  # the rare phase counts as much
+    empty = U.aggregate(values, np.zeros((10, 10), bool), labels, 2, 0.1)
+    assert empty == {"mean": 0.0, "topk": 0.0, "class_balanced": 0.0}
+
+
+def test_score_probabilities_ranks_images_and_tiles():
+    sure = np.zeros((3, 8, 8), np.float32)
+    sure[0] = 1.0
+    unsure = sure.copy()
+    unsure[:, :4, 4:] = 1 / 3  # one unsure quarter, top right
+    strategies = ["entropy", "margin", "boundary_entropy"]
+    tiles = U.tile_grid(8, 8, 4)
+    assert tiles == [(0, 0, 4, 4), (0, 4, 4, 4), (4, 0, 4, 4), (4, 4, 4, 4)]
+    a = U.score_probabilities(sure, None, strategies, 1, 0.1, tiles)
+    b = U.score_probabilities(unsure, None, strategies, 1, 0.1, tiles)
+    assert a["image"]["entropy"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    assert b["image"]["entropy"]["mean"] == pytest.approx(0.25, abs=1e-5)
+    tile_means = [t["scores"]["entropy"]["mean"] for t in b["tiles"]]
+    assert int(np.argmax(tile_means)) == 1 and tile_means[1] == pytest.approx(1.0, abs=1e-5)
+    assert a["image"]["boundary_entropy"]["mean"] == 0.0  # one class: no boundary
+
+
+def test_tile_grid_covers_odd_sizes():
+    tiles = U.tile_grid(70, 100, 32)
+    covered = np.zeros((70, 100), bool)
+    for y, x, h, w in tiles:
+        covered[y : y + h, x : x + w] = True
+    assert covered.all() and all(h == 32 and w == 32 for _, _, h, w in tiles)
+    assert U.tile_grid(20, 50, 32) == [(0, 0, 20, 32), (0, 18, 20, 32)]
+
+
+def test_unknown_strategy_and_weights_errors_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match="active.strategies.*valid: entropy"):
+        parse_params(tiny_params_dict(tmp_path, **{"active.strategies": ["entropyy"]}))
+    with pytest.raises(ValueError, match="active.*not computed"):
+        parse_params(
+            tiny_params_dict(
+                tmp_path,
+                **{"active.weights": {"margin": 1.0}},
+                **{"active.strategies": ["entropy"]},
+            )
+        )
+    with pytest.raises(ValueError, match="need an ensemble"):
+        parse_params(tiny_params_dict(tmp_path, **{"active.ensemble.method": "none"}))
+
+
+# -- selection on constructed candidates ---------------------------------------------------
+def _cand(i: int, scores: dict[str, float], emb: list[float]) -> Candidate:
+    return Candidate(
+        f"d/img{i}",
+        f"d/img{i}",
+        "d",
+        f"img{i}",
+        f"img{i}.png",
+        None,
+        scores,
+        np.array(emb, np.float64),
+    )
+
+
+def test_rank_normalise_and_weighted_combination():
+    assert rank_normalise(np.array([3.0, 1.0, 2.0])) == pytest.approx([1.0, 0.0, 0.5])
+    cands = [
+        _cand(0, {"entropy": 0.9, "margin": 0.1}, [0, 0]),
+        _cand(1, {"entropy": 0.5, "margin": 0.5}, [0, 1]),
+        _cand(2, {"entropy": 0.1, "margin": 0.9}, [1, 0]),
+    ]
+    assert combined_scores(cands, {"entropy": 1.0}) == pytest.approx([1.0, 0.5, 0.0])
+    assert combined_scores(cands, {"entropy": 1.0, "margin": 3.0}) == pytest.approx(
+        [0.25, 0.5, 0.75]
+    )
+    assert not combined_scores(cands, {}).any()
+
+
+def test_coreset_spreads_over_clusters():
+    rng = np.random.default_rng(0)
+    centres = np.array([[0, 0], [10, 0], [0, 10]], float)
+    emb = np.concatenate([c + rng.normal(0, 0.1, (5, 2)) for c in centres])
+    picks = k_center_greedy(emb, 3, first=0)
+    assert sorted(p // 5 for p in picks) == [0, 1, 2]
+
+
+def test_select_top_score_diverse_random_and_cold(tiny_params):
+    p = tiny_params.model_copy(deep=True)
+    p.active.batch_size = 2
+    # two near-identical very uncertain images, one a little less uncertain elsewhere
+    cands = [
+        _cand(0, {"entropy": 0.90}, [0.0, 0.0]),
+        _cand(1, {"entropy": 0.89}, [0.0, 0.01]),
+        _cand(2, {"entropy": 0.50}, [5.0, 5.0]),
+        _cand(3, {"entropy": 0.10}, [5.0, 5.1]),
+    ]
+    p.active.weights = {"entropy": 1.0}
+    p.active.diversity = "none"
+    assert [s["id"] for s in select(p, cands, cold=False, seed=0)] == ["d/img0", "d/img1"]
+    p.active.diversity = "coreset"
+    p.active.candidate_factor = 1.5  # the top 3
+    picked = [s["id"] for s in select(p, cands, cold=False, seed=0)]
+    assert picked == ["d/img0", "d/img2"]  # the second is diverse, not the near-twin
+    p.active.weights = {}
+    p.active.diversity = "none"
+    r1 = [s["id"] for s in select(p, cands, cold=False, seed=1)]
+    assert r1 == [s["id"] for s in select(p, cands, cold=False, seed=1)]  # seeded
+    cold = select(p, cands, cold=True, seed=0)
+    assert len({s["id"][-1] in "01" for s in cold}) == 2  # one from each appearance cluster
+
+
+# -- scoring, stale records, rounds ------------------------------------------------------
+def _random_champion(p) -> Path:
+    torch.manual_seed(0)
+    model = model_from_params(p.model, p.num_classes)
+    ckpt = final_dir(p) / "best.pt"
+    save_checkpoint(ckpt, model, model_config(p))
+    return ckpt
+
+
+@pytest.fixture
+def al_params(tmp_path):
+    from srpu_pipelines.data.demo import generate_demo
+
+    d = tiny_params_dict(
+        tmp_path,
+        **{"demo.pool_per_dataset": 3},
+    )
+    p = parse_params(d)
+    generate_demo(p)
+    run_index(p, progress=False)
+    return p
+
+
+def test_scores_are_kept_until_the_model_or_the_image_changes(al_params):
+    from srpu_pipelines.data.index import load_index
+
+    p = al_params
+    ckpt = _random_champion(p)
+    index = load_index(p.data.index_path)
+    n = len(index["pool"])
+    first = score_pool(p, index, ckpt, "m/v1", progress=False)
+    assert (first["computed"], first["kept"]) == (n, 0)
+    summary = (Path(p.active.out_dir) / "scores/summary.json").read_bytes()
+    again = score_pool(p, index, ckpt, "m/v1", progress=False)
+    assert (again["computed"], again["kept"]) == (0, n)
+    assert (Path(p.active.out_dir) / "scores/summary.json").read_bytes() == summary
+    # one pool image changes content: only it is recomputed
+    changed = Path(index["pool"][0]["image"])
+    arr = np.asarray(__import__("PIL.Image").Image.open(changed)).copy()
+    save(changed, 255 - arr)
+    index = run_index(p, progress=False)["index"]
+    third = score_pool(p, index, ckpt, "m/v1", progress=False)
+    assert (third["computed"], third["kept"]) == (1, n - 1)
+    # a new champion makes every score stale
+    fourth = score_pool(p, index, ckpt, "m/v2", progress=False)
+    assert (fourth["computed"], fourth["kept"]) == (n, 0)
+    rec = first["images"][0]
+    assert set(rec["scores"]) == set(p.active.strategies)
+
+
+def test_round_folder_exclusions_and_returning_masks(al_params):
+    from srpu_pipelines.data.index import load_index
+
+    p = al_params
+    _random_champion(p)
+    run_score(p, None, progress=False)
+    r1 = run_select(p, None)
+    assert r1["new"] and r1["round"] == 1
+    sel = r1["summary"]["selected"]
+    assert len(sel) == 2 and [s["rank"] for s in sel] == [1, 2]
+    codec = MaskCodec.from_params(p)
+    for s in sel:
+        assert Path(s["image_file"]).is_file()
+        mask = codec.decode_file(s["mask_file"])  # valid colours, full size
+        assert mask.shape == (64, 64)
+        assert Path(s["uncertainty_file"]).is_file()
+        assert set(s["scores"]) == set(p.active.strategies)
+        assert s["id"] in {it["id"] for it in load_index(p.data.index_path)["pool"]}
+    # same model, same labels: the same round, nothing written
+    again = run_select(p, None)
+    assert not again["new"] and again["round"] == 1 and len(round_folders(p)) == 1
+    index = load_index(p.data.index_path)
+    assert awaiting_ids(p, index) == {s["id"] for s in sel}
+    # the person corrects the first item and drops image + mask into the labelled folder
+    first = sel[0]
+    labeled = Path(next(d.labeled for d in p.data.datasets if d.name == first["dataset"]))
+    shutil.copy(first["image_file"], labeled / Path(first["image_file"]).name)
+    shutil.copy(first["mask_file"], labeled / Path(first["mask_file"]).name)
+    pairs, problems = new_labels(p, index)
+    assert [x.id for x in pairs] == [first["id"]] and problems == []
+    run_index(p, progress=False)
+    index = load_index(p.data.index_path)
+    assert first["id"] in {it["id"] for it in index["items"]}
+    assert first["id"] not in {it["id"] for it in index["pool"]}
+    r2 = run_select(p, None)  # new labels: a new round, without anything picked before
+    assert r2["new"] and r2["round"] == 2
+    assert not {s["id"] for s in r2["summary"]["selected"]} & {s["id"] for s in sel}
+
+
+def test_partial_and_invalid_drops_are_reported(al_params):
+    from srpu_pipelines.data.index import load_index
+
+    p = al_params
+    labeled = Path(p.data.datasets[0].labeled)
+    save(labeled / "orphan_mask.png", color_mask(np.zeros((64, 64), np.uint8)))
+    save(labeled / "small.png", np.zeros((64, 64), np.uint8))
+    save(labeled / "small_mask.png", color_mask(np.zeros((32, 32), np.uint8)))
+    bad = color_mask(np.zeros((64, 64), np.uint8))
+    bad[0, 0] = (12, 34, 56)
+    save(labeled / "odd colour.png", np.zeros((64, 64), np.uint8))
+    save(labeled / "odd colour_mask.png", bad)
+    pairs, problems = new_labels(p, load_index(p.data.index_path))
+    assert pairs == []
+    text = "\n".join(str(x) for x in problems)
+    assert "orphan_mask.png: mask without an image" in text
+    assert "small_mask.png: mask size 32x32 differs" in text
+    assert "odd colour_mask.png" in text
+
+
+def test_cold_start_without_a_model_and_tiles_as_units(al_params):
+    p = al_params.model_copy(deep=True)
+    out = run_score(p, None, progress=False)
+    assert out["model_key"] == COLD_KEY
+    r = run_select(p, None)
+    assert r["summary"]["cold_start"] and len(r["summary"]["selected"]) == 2
+    assert all("mask_file" not in s for s in r["summary"]["selected"])  # paint from scratch
+    # tiles: ids name the tile; the image file is the 32 px crop
+    p.active.unit = "tile"
+    p.active.out_dir = Path(p.active.out_dir).with_name("active_tiles")
+    _random_champion(p)
+    run_score(p, None, progress=False)
+    r = run_select(p, None)
+    s = r["summary"]["selected"][0]
+    y, x, h, w = s["box"]
+    assert s["id"] == tile_id(s["image_id"], y, x) and (h, w) == (32, 32)
+    from srpu_pipelines.data.imageio import read_raw
+
+    assert read_raw(s["image_file"]).shape == (32, 32)
+    assert MaskCodec.from_params(p).decode_file(s["mask_file"]).shape == (32, 32)
+    # a labelled tile excludes itself and its whole image from image-unit selection
+    from srpu_pipelines.data.index import load_index
+
+    index = load_index(p.data.index_path)
+    index["items"].append({**index["items"][0], "id": s["id"]})
+    cands, _ = candidates(p, index, r["summary"]["model_key"], set())
+    assert s["id"] not in {c.id for c in cands}
+    p.active.unit = "image"
+    cands, _ = candidates(p, index, r["summary"]["model_key"], set())
+    assert s["image_id"] not in {c.id for c in cands}
