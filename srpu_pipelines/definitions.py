@@ -11,8 +11,17 @@ import os
 
 import dagster as dg
 
-from srpu_pipelines.assets.active_learning import selected_batch, uncertainty_scores
-from srpu_pipelines.assets.data import dataset_index, masks_decode_and_fit, splits_hold_every_class
+from srpu_pipelines.assets.active_learning import (
+    round_history,
+    selected_batch,
+    uncertainty_scores,
+)
+from srpu_pipelines.assets.data import (
+    dataset_index,
+    labeled_data,
+    masks_decode_and_fit,
+    splits_hold_every_class,
+)
 from srpu_pipelines.assets.evaluation import (
     champion_model,
     evaluation_asset,
@@ -22,7 +31,13 @@ from srpu_pipelines.assets.predictions import predictions
 from srpu_pipelines.assets.pretraining import mae_encoder
 from srpu_pipelines.assets.training import stage_assets
 from srpu_pipelines.config import Params, load_params
-from srpu_pipelines.resources.dagster_resources import MlflowResource, ParamsResource, params_path
+from srpu_pipelines.resources.dagster_resources import (
+    DvcResource,
+    MlflowResource,
+    ParamsResource,
+    params_path,
+)
+from srpu_pipelines.sensors.new_masks import new_masks_sensor, round_job
 from srpu_pipelines.steps import stage_asset_name, uses_mae
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -33,10 +48,11 @@ CHECKS = [masks_decode_and_fit, splits_hold_every_class, not_worse_than_champion
 def pipeline_assets(params: Params) -> list[dg.AssetsDefinition]:
     """Every asset for ``params``: index, the MAE encoder (when a stage starts from it),
     one per training stage, evaluation, champion, predictions, the pool's uncertainty
-    scores and the next batch to label."""
+    scores, the next batch to label and the round history."""
     final = stage_asset_name(params.stages[-1].name)
     return [
         dataset_index,
+        labeled_data,
         *([mae_encoder] if uses_mae(params) else []),
         *stage_assets(params),
         evaluation_asset(final),
@@ -44,6 +60,7 @@ def pipeline_assets(params: Params) -> list[dg.AssetsDefinition]:
         predictions,
         uncertainty_scores,
         selected_batch,
+        round_history,
     ]
 
 
@@ -53,13 +70,14 @@ def build_definitions(params: Params) -> dg.Definitions:
         "srpu_pipeline",
         selection=dg.AssetSelection.all(),
         description="index -> MAE encoder -> training stages -> evaluate -> (gate) -> "
-        "promote -> predict, score the pool -> select the next batch",
+        "promote -> predict, score the pool -> select the next batch -> record the round",
     )
     return dg.Definitions(
         assets=pipeline_assets(params),
         asset_checks=CHECKS,
-        jobs=[job],
-        resources={"params": ParamsResource(), "mlflow": MlflowResource()},
+        jobs=[job, round_job(params)],
+        sensors=[new_masks_sensor],
+        resources={"params": ParamsResource(), "mlflow": MlflowResource(), "dvc": DvcResource()},
         # 2 cores: the multiprocess executor costs more than the work (STACK_NOTES)
         executor=dg.in_process_executor,
     )

@@ -130,3 +130,89 @@ def run_select(params: Params, tracker: Tracker | None) -> dict[str, Any]:
     n, folder, summary = write_round(params, chosen, predict, key, revision, cold)
     log.info("round %d: %d items selected into %s", n, len(chosen), folder)
     return {"round": n, "folder": folder, "summary": summary, "new": True}
+
+
+def run_record_round(
+    params: Params, tracker: Tracker | None, selected_round: int
+) -> dict[str, Any]:
+    """Append this round to the history (and log it as an MLflow run): what came back
+    labelled since the last entry, the correction effort, the champion's validation mIoU
+    before and after, the test mIoU of the new model and the batch selected next.
+    Recording the same state twice appends nothing."""
+    import datetime
+
+    from srpu_pipelines.active_learning.history import (
+        append_history,
+        history_path,
+        read_history,
+        stop_reason,
+    )
+    from srpu_pipelines.active_learning.rounds import (
+        correction_effort,
+        labeled_revision,
+        load_summary,
+        round_folders,
+    )
+    from srpu_pipelines.data.index import load_index
+    from srpu_pipelines.io_utils import read_json
+
+    history = read_history(params)
+    index = load_index(params.data.index_path)
+    revision = labeled_revision(index)
+    if history and (history[-1]["labeled_revision"], history[-1]["selected_round"]) == (
+        revision,
+        selected_round,
+    ):
+        return {"entry": history[-1], "new": False, "stop": stop_reason(params, history)}
+    ids = sorted(it["id"] for it in index["items"])
+    corrected = sorted(set(ids) - set(history[-1]["labeled_ids"])) if history else []
+    effort = [e for e in correction_effort(params, index) if e["id"] in corrected]
+    ev = Path(params.evaluate.out_dir)
+    promo = read_json(ev / "promotion.json") if (ev / "promotion.json").is_file() else {}
+    test = read_json(ev / "metrics.json") if (ev / "metrics.json").is_file() else {}
+    before = promo.get("champion_val_miou")
+    after = promo.get("candidate_val_miou") if promo.get("passed") else before
+    folders = dict(round_folders(params))
+    selected = [s["id"] for s in load_summary(folders[selected_round])["selected"]]
+    entry = {
+        "round": len(history) + 1,
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "labeled_revision": revision,
+        "labeled_count": len(ids),
+        "labeled_ids": ids,
+        "corrected": corrected,
+        "correction_effort": effort,
+        "mean_correction_dice": (float(np.mean([e["dice"] for e in effort])) if effort else None),
+        "candidate_version": promo.get("candidate_version"),
+        "promoted": promo.get("passed"),
+        "val_miou_before": before,
+        "val_miou_after": after,
+        "test_miou": test.get("miou"),
+        "selected_round": selected_round,
+        "selected": selected,
+    }
+    append_history(params, entry)
+    if tracker is not None:
+        metrics = {
+            k: float(entry[k])
+            for k in (
+                "labeled_count",
+                "mean_correction_dice",
+                "val_miou_before",
+                "val_miou_after",
+                "test_miou",
+            )
+            if entry[k] is not None
+        }
+        with tracker.start_run(
+            f"active_learning_round_{entry['round']}",
+            {"active": params.active.model_dump(mode="json"), "corrected": corrected},
+            {"srpu.stage": "active_learning_round", "srpu.round": str(entry["round"])},
+        ):
+            tracker.log_metrics(metrics, step=entry["round"])
+            tracker.log_artifact(history_path(params), "active_learning")
+            tracker.log_artifact(
+                folders[selected_round] / "selection_summary.json", "active_learning"
+            )
+    history.append(entry)
+    return {"entry": entry, "new": True, "stop": stop_reason(params, history)}

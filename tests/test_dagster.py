@@ -6,7 +6,8 @@ import yaml
 
 from srpu_pipelines.config import parse_params
 from srpu_pipelines.definitions import CHECKS, PARAMS, defs, pipeline_assets
-from srpu_pipelines.resources.dagster_resources import MlflowResource, ParamsResource
+from srpu_pipelines.resources.dagster_resources import DvcResource, MlflowResource, ParamsResource
+from srpu_pipelines.resources.dvc import RecordingDvc
 from srpu_pipelines.resources.tracking import ModelVersion, RecordingTracker
 from srpu_pipelines.steps import CHAMPION, run_index
 from tests.conftest import tiny_params_dict
@@ -17,6 +18,7 @@ STAGES = [
 ]
 
 FAKE = RecordingTracker()
+FAKE_DVC = RecordingDvc()
 
 
 class FakeMlflow(MlflowResource):
@@ -24,6 +26,11 @@ class FakeMlflow(MlflowResource):
 
     def tracker(self, params):
         return FAKE
+
+
+class FakeDvcResource(DvcResource):
+    def client(self):
+        return FAKE_DVC
 
 
 def test_definitions_load():
@@ -71,7 +78,12 @@ def resources(tmp_path):
     pf.write_text(yaml.safe_dump(d))
     generate_demo(parse_params(d))
     FAKE.__init__()
-    res = {"params": ParamsResource(path=str(pf)), "mlflow": FakeMlflow()}
+    FAKE_DVC.__init__()
+    res = {
+        "params": ParamsResource(path=str(pf)),
+        "mlflow": FakeMlflow(),
+        "dvc": FakeDvcResource(),
+    }
     return res, tmp_path, pipeline_assets(parse_params(d))
 
 

@@ -9,7 +9,7 @@ import dagster as dg
 
 from srpu_pipelines.assets._metadata import png_md
 from srpu_pipelines.resources.dagster_resources import MlflowResource, ParamsResource
-from srpu_pipelines.steps_active import run_score, run_select
+from srpu_pipelines.steps_active import run_record_round, run_score, run_select
 
 
 @dg.asset(
@@ -81,5 +81,43 @@ def selected_batch(params: ParamsResource, mlflow: MlflowResource) -> dg.Materia
             "items": len(s["selected"]),
             "batch": dg.MetadataValue.md(batch_table(s)),
             "how_to": s["how_to"],
+        }
+    )
+
+
+@dg.asset(
+    group_name="active_learning",
+    deps=["selected_batch"],
+    description="One line per finished round in active.out_dir/history.jsonl and an MLflow "
+    "run: labels that came back, correction effort, val mIoU before and after, next batch.",
+)
+def round_history(params: ParamsResource, mlflow: MlflowResource) -> dg.MaterializeResult:
+    from srpu_pipelines.active_learning.history import history_path, read_history
+    from srpu_pipelines.active_learning.rounds import round_folders
+
+    p = params.load()
+    latest = round_folders(p)[-1][0]
+    res = run_record_round(p, mlflow.tracker(p), latest)
+    rows = [
+        "| round | labelled | corrected | correction Dice | val mIoU before | after | test mIoU |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    for h in read_history(p):
+        rows.append(
+            f"| {h['round']} | {h['labeled_count']} | {len(h['corrected'])} | "
+            f"{f(h['mean_correction_dice'])} | {f(h['val_miou_before'])} | "
+            f"{f(h['val_miou_after'])} | {f(h['test_miou'])} |"
+        )
+    return dg.MaterializeResult(
+        metadata={
+            "round": res["entry"]["round"],
+            "new_entry": res["new"],
+            "stopped": res["stop"] or "no",
+            "history": dg.MetadataValue.md("\n".join(rows)),
+            "path": dg.MetadataValue.path(str(history_path(p))),
         }
     )

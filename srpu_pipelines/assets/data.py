@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 import numpy as np
 
@@ -10,7 +12,7 @@ from srpu_pipelines.assets._metadata import image_preview
 from srpu_pipelines.data.dataset import load_samples
 from srpu_pipelines.data.index import load_index, missing_classes_per_split, verify_items
 from srpu_pipelines.data.masks import MaskCodec
-from srpu_pipelines.resources.dagster_resources import ParamsResource
+from srpu_pipelines.resources.dagster_resources import DvcResource, ParamsResource
 from srpu_pipelines.steps import run_index
 
 
@@ -74,4 +76,24 @@ def splits_hold_every_class(params: ParamsResource) -> dg.AssetCheckResult:
         passed=not missing,
         severity=dg.AssetCheckSeverity.WARN,
         metadata={s: ", ".join(c) for s, c in missing.items()} or {"missing": "none"},
+    )
+
+
+@dg.asset(
+    group_name="data",
+    deps=["dataset_index"],
+    description="The labelled folders committed to DVC (dvc add, dvc push): every label "
+    "version stays in the DVC cache and remote. Folders DVC does not track are left alone.",
+)
+def labeled_data(params: ParamsResource, dvc: DvcResource) -> dg.MaterializeResult:
+    p = params.load()
+    folders = [Path(f) for d in p.data.datasets for f in (d.labeled, d.masks) if f is not None]
+    md5 = dvc.client().add(folders)
+    rows = ["| folder | DVC md5 |", "| --- | --- |"] + [f"| {f} | {h} |" for f, h in md5.items()]
+    return dg.MaterializeResult(
+        metadata={
+            "committed": len(md5),
+            "not_tracked": len(folders) - len(md5),
+            "versions": dg.MetadataValue.md("\n".join(rows)),
+        }
     )

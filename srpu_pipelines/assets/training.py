@@ -1,14 +1,24 @@
 """Training assets: one per stage in params.yaml ``stages``, each an MLflow run; the last
 stage's best checkpoint is registered as 'challenger'."""
 
-from __future__ import annotations
-
 import dagster as dg
+from pydantic import Field
 
 from srpu_pipelines.assets._metadata import curve_png, image_preview
 from srpu_pipelines.config import Params
 from srpu_pipelines.resources.dagster_resources import MlflowResource, ParamsResource
-from srpu_pipelines.steps import run_stage, stage_asset_name
+from srpu_pipelines.steps import CHAMPION, run_stage, stage_asset_name
+
+
+class StageRunConfig(dg.Config):
+    """Run-time options of a training stage asset. (This module has no ``from __future__
+    import annotations``: Dagster reads the config class from the real annotation.)"""
+
+    warm_start: bool = Field(
+        default=False,
+        description="start from the registry's champion instead of the stage's init "
+        "(what an active-learning round does); the normal init when there is no champion",
+    )
 
 
 def _stage_asset(params: Params, i: int) -> dg.AssetsDefinition:
@@ -29,14 +39,24 @@ def _stage_asset(params: Params, i: int) -> dg.AssetsDefinition:
         description=f"Training stage {name!r} (srpu train --stage {name}), starting from "
         f"{st.init}; best checkpoint {what}.",
     )
-    def _train(params: ParamsResource, mlflow: MlflowResource) -> dg.MaterializeResult:
+    def _train(
+        context: dg.AssetExecutionContext,
+        config: StageRunConfig,
+        params: ParamsResource,
+        mlflow: MlflowResource,
+    ) -> dg.MaterializeResult:
         p = params.load()
-        out = run_stage(p, mlflow.tracker(p), name, progress=False)
+        tracker = mlflow.tracker(p)
+        if config.warm_start and tracker is not None and tracker.get_alias(CHAMPION):
+            p = p.model_copy(deep=True)
+            p.stages[i] = p.stages[i].model_copy(update={"init": f"alias:{CHAMPION}"})
+            context.log.info("warm start: stage %s starts from the champion", name)
+        out = run_stage(p, tracker, name, progress=False)
         res = out["result"]
         last = res.history[-1] if res.history else {}
         meta = {
             "stage": name,
-            "init": p.stage(name).init,
+            "init": p.stage(name).init,  # alias:champion on a warm start
             "best_val_miou": res.best_miou,
             "best_epoch": res.best_epoch,
             "steps": res.steps,

@@ -8,6 +8,7 @@ from pathlib import Path
 import dagster as dg
 
 from srpu_pipelines.config import Params, load_params
+from srpu_pipelines.resources.dvc import Dvc, DvcCli
 from srpu_pipelines.resources.tracking import MlflowTracker, Tracker
 
 
@@ -33,3 +34,13 @@ class MlflowResource(dg.ConfigurableResource):
 
     def tracker(self, params: Params) -> Tracker | None:
         return MlflowTracker(params.tracking) if params.tracking.enabled else None
+
+
+class DvcResource(dg.ConfigurableResource):
+    """DVC, called as a command line (it lives in its own environment): commits the
+    labelled folders it tracks; ``push`` also sends them to the default remote."""
+
+    push: bool = True
+
+    def client(self) -> Dvc:
+        return DvcCli(push=self.push)

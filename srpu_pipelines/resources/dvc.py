@@ -1,0 +1,107 @@
+"""DVC owns data and labels: an interface, the DVC command line, and a recording fake.
+
+Only folders DVC already tracks (``FOLDER.dvc`` beside them) are committed: ``dvc add``
+stores the new content in the cache (every earlier version stays there and in the
+remote, none is overwritten) and rewrites ``FOLDER.dvc``; ``dvc push`` copies it to the
+default remote when one is set. Commit ``FOLDER.dvc`` with git to name the version.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+
+def tracked_folders(folders: list[Path]) -> list[Path]:
+    """The folders that have a ``.dvc`` file beside them (unique, in order)."""
+    out: list[Path] = []
+    for f in folders:
+        if Path(f"{f}.dvc").is_file() and f not in out:
+            out.append(f)
+    return out
+
+
+def dvc_md5(folder: Path) -> str | None:
+    """The content hash ``FOLDER.dvc`` records for the folder."""
+    try:
+        outs = yaml.safe_load(Path(f"{folder}.dvc").read_text(encoding="utf-8"))["outs"]
+        return str(outs[0]["md5"])
+    except (OSError, KeyError, IndexError, TypeError, yaml.YAMLError):
+        return None
+
+
+class Dvc(abc.ABC):
+    @abc.abstractmethod
+    def add(self, folders: list[Path]) -> dict[str, str | None]:
+        """Commit the folders' current content; returns {folder: md5}."""
+
+
+def _dvc_binary() -> str:
+    here = Path(sys.executable).parent / "dvc"  # the shim `make setup` installs into .venv
+    found = str(here) if here.exists() else shutil.which("dvc")
+    if not found:
+        raise FileNotFoundError("dvc not found: run `make setup` (it installs .venv-dvc)")
+    return found
+
+
+class DvcCli(Dvc):
+    """Runs ``dvc add`` (and ``dvc push`` when a default remote is set) in the repository
+    that holds the folders; waits for DVC's repository lock rather than failing on it."""
+
+    def __init__(self, push: bool = True, timeout_s: float = 600):
+        self.push, self.timeout_s = push, timeout_s
+
+    def _run(self, cwd: Path, *args: str) -> str:
+        env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+        out = subprocess.run(
+            [_dvc_binary(), *args],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=self.timeout_s,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"dvc {' '.join(args)} failed in {cwd}:\n{out.stderr[-2000:]}")
+        return out.stdout
+
+    @staticmethod
+    def _repo_root(folder: Path) -> Path:
+        for d in [folder.resolve(), *folder.resolve().parents]:
+            if (d / ".dvc").is_dir():
+                return d
+        raise FileNotFoundError(f"{folder}: not inside a DVC repository (no .dvc folder above)")
+
+    def add(self, folders: list[Path]) -> dict[str, str | None]:
+        out: dict[str, str | None] = {}
+        for f in tracked_folders(folders):
+            root = self._repo_root(f)
+            rel = os.path.relpath(f.resolve(), root)
+            self._run(root, "add", "--quiet", rel)
+            if self.push:
+                remote = self._run(root, "remote", "default").strip()
+                if remote:
+                    self._run(root, "push", "--quiet", f"{rel}.dvc")
+            out[str(f)] = dvc_md5(f)
+        return out
+
+
+class RecordingDvc(Dvc):
+    """Fake for tests: records what would be committed."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def add(self, folders: list[Path]) -> dict[str, str | None]:
+        tracked = tracked_folders(folders)
+        self.calls.append([str(f) for f in tracked])
+        return {str(f): dvc_md5(f) for f in tracked}

@@ -1,0 +1,156 @@
+"""The new-masks sensor (first tick, nothing new, below threshold, partial drops, new data,
+a repeat tick with the same data, a running round) and one whole round through Dagster:
+corrected masks in, new model version and batch out, the same files again start nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pytest
+import yaml
+
+from srpu_pipelines.active_learning.history import read_history
+from srpu_pipelines.active_learning.rounds import round_folders
+from srpu_pipelines.config import parse_params
+from srpu_pipelines.definitions import CHECKS, defs, pipeline_assets
+from srpu_pipelines.resources.dagster_resources import ParamsResource
+from srpu_pipelines.sensors.new_masks import (
+    ROUND_JOB,
+    check_new_masks,
+    new_masks_sensor,
+    round_asset_keys,
+)
+from srpu_pipelines.steps import run_index
+from tests.conftest import color_mask, save, tiny_params_dict
+from tests.test_dagster import FAKE, FAKE_DVC, STAGES, FakeDvcResource, FakeMlflow
+
+
+@pytest.fixture
+def project(tmp_path):
+    from srpu_pipelines.data.demo import generate_demo
+
+    d = tiny_params_dict(tmp_path)
+    d["stages"] = STAGES
+    d["predict"]["source"] = "champion"
+    pf = tmp_path / "params.yaml"
+    pf.write_text(yaml.safe_dump(d))
+    p = parse_params(d)
+    generate_demo(p)
+    return p, pf
+
+
+def _tick(pf: Path, cursor: str | None = None):
+    ctx = dg.build_sensor_context(
+        cursor=cursor,
+        instance=dg.DagsterInstance.ephemeral(),
+        resources={"params": ParamsResource(path=str(pf))},
+    )
+    return new_masks_sensor(ctx), ctx.cursor
+
+
+def _drop_pair(p, name: str, dataset: int = 0, size: int = 64) -> None:
+    labeled = Path(p.data.datasets[dataset].labeled)
+    rng = np.random.default_rng(len(name))
+    save(labeled / f"{name}.png", (rng.random((64, 64)) * 255).astype(np.uint8))
+    save(labeled / f"{name}_mask.png", color_mask(rng.integers(0, 3, (size, size), np.uint8)))
+
+
+def test_sensor_ticks(project):
+    p, pf = project
+    result, _ = _tick(pf)  # no index yet
+    assert isinstance(result, dg.SkipReason) and "no dataset index" in result.skip_message
+    run_index(p, progress=False)
+    result, cursor = _tick(pf)  # first tick: everything on disk is already indexed
+    assert isinstance(result, dg.SkipReason)
+    assert "0 new valid mask(s), a round needs 2" in result.skip_message
+    _drop_pair(p, "fixed one")
+    result, _ = _tick(pf, cursor)  # below the threshold
+    assert "1 new valid mask(s), a round needs 2" in result.skip_message
+    # partial and invalid drops are reported and do not count
+    labeled = Path(p.data.datasets[0].labeled)
+    save(labeled / "lonely_mask.png", color_mask(np.zeros((64, 64), np.uint8)))
+    _drop_pair(p, "wrong size", size=32)
+    result, _ = _tick(pf, cursor)
+    msg = result.skip_message
+    assert "1 new valid mask(s)" in msg
+    assert "lonely_mask.png: mask without an image" in msg and "wrong size_mask.png" in msg
+    (labeled / "lonely_mask.png").unlink()
+    for f in labeled.glob("wrong size*"):
+        f.unlink()
+    _drop_pair(p, "fixed two", dataset=1)
+    result, cursor2 = _tick(pf, cursor)  # new data: one run, keyed by the new masks
+    assert isinstance(result, dg.RunRequest) and result.run_key.startswith("new-masks-")
+    assert cursor2 == result.run_key and result.tags["srpu/new_masks"] == "2"
+    again, cursor3 = _tick(pf, cursor2)  # the same files on the next tick: nothing
+    assert isinstance(again, dg.SkipReason) and "already requested" in again.skip_message
+    assert cursor3 == cursor2
+    request, _, msg = check_new_masks(p, None, round_running=True)
+    assert request is None and "a round is running" in msg
+    # changing one of the new masks is new data: a new key
+    _drop_pair(p, "fixed two", dataset=1)
+    labeled_b = Path(p.data.datasets[1].labeled)
+    save(labeled_b / "fixed two_mask.png", color_mask(np.ones((64, 64), np.uint8)))
+    request, key, _ = check_new_masks(p, cursor2, round_running=False)
+    assert request is not None and key != cursor2
+
+
+def test_round_job_is_defined_with_the_gate_and_a_warm_start():
+    job = defs.resolve_job_def(ROUND_JOB)
+    keys = {k.to_user_string() for k in job.asset_layer.executable_asset_keys}
+    assert keys == set(
+        round_asset_keys(
+            parse_params(yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text()))
+        )
+    )
+    assert "mae_encoder" not in keys and "predictions" not in keys
+    assert [s.name for s in defs.sensors] == ["new_masks_sensor"]
+
+
+def test_a_whole_round(project):
+    """Pipeline once; a person corrects round 1's masks (here: accepts them as they are)
+    and drops them; the sensor asks for a round; the round retrains warm from the
+    champion, re-scores, selects round 2 and records the history; the same files again
+    start nothing."""
+    p, pf = project
+    FAKE.__init__()
+    FAKE_DVC.__init__()
+    res = {"params": ParamsResource(path=str(pf)), "mlflow": FakeMlflow(), "dvc": FakeDvcResource()}
+    assets = pipeline_assets(p)
+    assert dg.materialize([*assets, *CHECKS], resources=res).success
+    ((n1, folder1),) = round_folders(p)
+    summary = json.loads((folder1 / "selection_summary.json").read_text())
+    for s in summary["selected"]:
+        labeled = Path(next(d.labeled for d in p.data.datasets if d.name == s["dataset"]))
+        shutil.copy(s["image_file"], labeled / Path(s["image_file"]).name)
+        shutil.copy(s["mask_file"], labeled / Path(s["mask_file"]).name)
+    request, key, _ = check_new_masks(p, None, round_running=False)
+    assert request is not None
+    final = "train_tune"
+    result = dg.materialize(
+        [*assets, *CHECKS],
+        resources=res,
+        selection=dg.AssetSelection.assets(*round_asset_keys(p)),
+        run_config={"ops": {final: {"config": {"warm_start": True}}}},
+        tags=request.tags,
+    )
+    assert result.success
+    tune_runs = [r for r in FAKE.runs.values() if r["name"] == "train_tune"]
+    assert len(tune_runs) == 2 and tune_runs[-1]["tags"]["srpu.init"] == "alias:champion"
+    assert len(FAKE.versions) == 2  # a new model version, champion if not worse
+    assert FAKE_DVC.calls  # the labelled folders went to DVC (none tracked in this copy)
+    rounds = round_folders(p)
+    assert [n for n, _ in rounds] == [1, 2]
+    history = read_history(p)
+    assert len(history) == 2
+    h = history[-1]
+    assert sorted(h["corrected"]) == sorted(s["id"] for s in summary["selected"])
+    assert all(e["dice"] == 1.0 for e in h["correction_effort"])  # accepted as predicted
+    assert h["selected_round"] == 2 and h["val_miou_after"] is not None
+    assert any(r["name"] == "active_learning_round_2" for r in FAKE.runs.values())
+    # the same files again: nothing new, no run
+    request, _, msg = check_new_masks(p, key, round_running=False)
+    assert request is None and "0 new valid mask(s)" in msg
