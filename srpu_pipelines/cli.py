@@ -253,6 +253,26 @@ def cmd_labels(params: Params, args: argparse.Namespace) -> int:
 def cmd_bench(params: Params, args: argparse.Namespace) -> int:
     from srpu_pipelines.bench import bench_ssl, bench_supervised
 
+    if args.bench == "al":
+        from srpu_pipelines.bench_al import bench_al, plot_curves
+
+        res = bench_al(
+            params,
+            seeds=args.seeds,
+            rounds=args.rounds,
+            per_round=args.per_round,
+            initial=args.initial,
+            steps=args.steps,
+            budget_s=args.budget_s,
+            work_dir=Path(args.work_dir),
+            arms=tuple(args.arms),
+            progress=not args.quiet,
+        )
+        if args.plot:
+            plot_curves(res, Path(args.plot))
+            res["plot"] = args.plot
+        print(json.dumps(res, indent=2))
+        return 0
     if args.bench == "ssl":
         if args.budget_s is None and args.steps is None:
             raise ParamsError("bench ssl: give --budget-s and/or --steps (per fine-tuning run)")
@@ -377,6 +397,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--mae-steps", type=int, default=None, help="MAE pretraining steps")
     b.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
     b.add_argument("--work-dir", default="outputs/bench/ssl", help="where runs are written")
+    b.set_defaults(func=cmd_bench)
+    from srpu_pipelines.active_learning import AL_ARMS
+
+    b = bsub.add_parser(
+        "al",
+        help="simulated active learning with an oracle: learning curves per strategy",
+    )
+    b.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
+    b.add_argument("--rounds", type=int, default=5, help="selection rounds after the start")
+    b.add_argument("--per-round", type=int, default=4, help="tiles labelled per round")
+    b.add_argument("--initial", type=int, default=4, help="random tiles labelled at the start")
+    b.add_argument("--steps", type=int, default=60, help="training steps per round")
+    b.add_argument("--budget-s", type=float, help="also a wall-clock cap per round")
+    b.add_argument("--arms", nargs="+", default=list(AL_ARMS), choices=AL_ARMS)
+    b.add_argument("--plot", help="write the learning curves as a PNG here")
+    b.add_argument("--work-dir", default="outputs/bench/al", help="where runs are written")
     b.set_defaults(func=cmd_bench)
     return ap
 

@@ -390,11 +390,6 @@ class ActiveParams(_Strict):
         "champion model",
     )
     ensemble: EnsembleParams = EnsembleParams()
-    labeled_dataset: str | None = Field(
-        default=None,
-        description="sub-dataset whose labelled folder receives corrected masks "
-        "(null = the first with a labelled folder)",
-    )
     min_new_masks: int = Field(
         default=2, ge=1, description="the sensor starts a round when this many new masks are in"
     )
@@ -499,12 +494,6 @@ class Params(_Strict):
                     f"mask.grey_levels needs one grey level per class ({len(names)}) "
                     "when mask.encoding is 'grey'"
                 )
-        ds = self.active.labeled_dataset
-        if ds is not None and ds not in [d.name for d in self.data.datasets]:
-            raise ValueError(
-                f"active.labeled_dataset {ds!r} is no sub-dataset; valid: "
-                f"{[d.name for d in self.data.datasets]}"
-            )
         cw = self.train.loss.class_weights
         if cw is not None and len(cw) != len(names):
             raise ValueError(f"train.loss.class_weights needs {len(names)} entries (one per class)")

@@ -47,8 +47,21 @@ def main(params_path: str = "params.yaml") -> int:
     rec = Path(params.pretrain.out_dir) / "reconstructions.png"
     if rec.is_file():
         lines.append(f"MAE encoder reconstructions (input | masked | reconstruction): {rec}")
+    lines.append(f"predicted masks: {params.predict.out_dir}")
+    from srpu_pipelines.active_learning.rounds import load_summary, round_folders
+
+    rounds = round_folders(params)
+    if rounds:
+        n, folder = rounds[-1]
+        s = load_summary(folder)
+        lines.append(f"active learning round {n}: label these next ({folder}):")
+        lines += [f"  {it['rank']}. {it['id']}" for it in s["selected"]]
+        lines.append(f"  {s['how_to']}")
+        lines.append(
+            "  With `make ui` running, the new_masks_sensor starts the next round once "
+            f"{params.active.min_new_masks} corrected masks are in."
+        )
     lines += [
-        f"predicted masks: {params.predict.out_dir}",
         "",
         "Look at it:",
         "  Dagster UI:  make ui         (http://127.0.0.1:3000, asset graph and metadata)",

@@ -32,3 +32,47 @@ def test_bench_ssl_reports_every_arm_and_k(demo_params, tmp_path):
     assert len(res["runs"]) == 6 and all(r["steps"] == 1 for r in res["runs"])
     assert set(res["paired_gain"]) == {"mae-scratch", "mae_semi-scratch"}
     assert res["mae"]["steps"] == 1
+
+
+def test_bench_al_curves_auc_and_plot(demo_params, tmp_path):
+    from srpu_pipelines.bench_al import bench_al, cut_tiles, plot_curves
+    from srpu_pipelines.data.masks import MaskCodec
+
+    idx = build_index(demo_params, show_progress=False)
+    tiles = cut_tiles(demo_params, idx, tmp_path / "tiles")
+    n_train = sum(it["split"] == "train" for it in idx["items"])
+    assert len(tiles) == 4 * n_train  # 64 px images, 32 px tiles
+    # the oracle's tile mask is the original mask's tile
+    t = tiles[1]
+    src = next(it for it in idx["items"] if t["id"].startswith(it["id"] + "__"))
+    codec = MaskCodec.from_params(demo_params)
+    y, x = (int(v) for v in t["name"].rsplit("__y", 1)[1].split("_x"))
+    whole = codec.decode_file(src["mask"])
+    assert (codec.decode_file(t["mask"]) == whole[y : y + 32, x : x + 32]).all()
+    kw = dict(
+        seeds=1,
+        rounds=2,
+        per_round=1,
+        initial=2,
+        steps=1,
+        budget_s=None,
+        work_dir=tmp_path / "al",
+        arms=("random", "entropy", "coreset", "default"),
+        progress=False,
+    )
+    res = bench_al(demo_params, **kw)
+    # started again with the same settings: everything comes from the kept results
+    curve = tmp_path / "al/seed0/entropy/curve.json"
+    stamp = curve.stat().st_mtime_ns
+    assert bench_al(demo_params, **kw)["arms"] == res["arms"]
+    assert curve.stat().st_mtime_ns == stamp
+    assert set(res["arms"]) == {"random", "entropy", "coreset", "default"}
+    for row in res["arms"].values():
+        assert row["labeled"] == [2, 3, 4] and len(row["curve_mean"]) == 3
+        assert 0.0 <= row["auc"]["mean"] <= 1.0
+    assert len(res["arms"]["entropy"]["paired_auc_gain_vs_random"]) == 1
+    # no arm labels the same tile twice: each round adds one
+    for r in res["runs"]:
+        assert [c["labeled"] for c in r["curve"]] == [2, 3, 4]
+    plot_curves(res, tmp_path / "al.png")
+    assert (tmp_path / "al.png").stat().st_size > 10_000
