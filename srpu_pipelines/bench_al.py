@@ -28,6 +28,7 @@ from srpu_pipelines.active_learning.uncertainty import tile_grid
 from srpu_pipelines.analysis.evaluate import evaluate_checkpoint
 from srpu_pipelines.bench import _spread
 from srpu_pipelines.config import Params
+from srpu_pipelines.data.discovery import tile_name
 from srpu_pipelines.data.imageio import read_raw
 from srpu_pipelines.data.index import build_index, select_items
 from srpu_pipelines.data.masks import MaskCodec, class_fractions
@@ -46,7 +47,7 @@ def cut_tiles(params: Params, index: dict[str, Any], out: Path) -> list[dict[str
         raw = read_raw(it["image"])
         mask = codec.decode_file(it["mask"])
         for y, x, h, w in tile_grid(it["height"], it["width"], params.active.tile_size):
-            name = f"{it['name']}__y{y}_x{x}"
+            name = tile_name(it["name"], y, x)
             img_path, mask_path = out / f"{name}.tif", out / f"{name}_mask.png"
             m = np.ascontiguousarray(mask[y : y + h, x : x + w])
             if not img_path.is_file():
@@ -58,7 +59,7 @@ def cut_tiles(params: Params, index: dict[str, Any], out: Path) -> list[dict[str
                 )
             items.append(
                 {
-                    "id": f"{it['id']}__y{y}_x{x}",
+                    "id": tile_name(it["id"], y, x),
                     "name": name,
                     "dataset": it["dataset"],
                     "image": str(img_path),
@@ -210,8 +211,9 @@ def bench_al(
                     key = f"{arm}-r{r}"
                     p.active.batch_size = per_round
                     score_pool(p, idx, ckpt, key, progress=False)
-                    cands, _ = candidates(p, idx, key, set())
-                    picks = [s["id"] for s in select(p, cands, cold=False, seed=seed * 100 + r)]
+                    cands, _, centres = candidates(p, idx, key, set())
+                    chosen = select(p, cands, cold=False, seed=seed * 100 + r, centres=centres)
+                    picks = [s["id"] for s in chosen]
                 labeled |= set(picks)
                 res, _, m = train_eval(p, labeled, sd / arm / f"r{r}", ckpt, steps)
                 ckpt = res.best_checkpoint
@@ -232,16 +234,16 @@ def bench_al(
         full_ref.append(done["miou"])
         bar.update()
     bar.close()
-    full = float(np.mean(full_ref))
     table = {}
     for arm in arms:
         rs = [r for r in runs if r["arm"] == arm]
         aucs = [
             _auc([c["labeled"] for c in r["curve"]], [c["miou"] for c in r["curve"]]) for r in rs
         ]
-        need = []
+        need = []  # against the same seed's full-label model
         for r in rs:
-            hit = [c["labeled"] for c in r["curve"] if c["miou"] >= 0.95 * full]
+            target = 0.95 * full_ref[r["seed"]]
+            hit = [c["labeled"] for c in r["curve"] if c["miou"] >= target]
             need.append(hit[0] if hit else None)
         xs = [c["labeled"] for c in rs[0]["curve"]]
         table[arm] = {

@@ -241,10 +241,15 @@ def cmd_labels(params: Params, args: argparse.Namespace) -> int:
     from srpu_pipelines.active_learning.rounds import new_labels
     from srpu_pipelines.data.index import load_index
 
-    pairs, problems = new_labels(params, load_index(params.data.index_path))
-    print(f"{len(pairs)} new or changed labelled pair(s), {len(problems)} problem(s)")
-    for p in pairs:
+    new, changed, problems = new_labels(params, load_index(params.data.index_path))
+    print(
+        f"{len(new)} new and {len(changed)} changed labelled pair(s) not yet indexed, "
+        f"{len(problems)} problem(s)"
+    )
+    for p in new:
         print(f"  new {p.id}: {p.mask}")
+    for p in changed:
+        print(f"  changed {p.id}: {p.mask}")
     for p in problems:
         print(f"  problem {p}")
     return 1 if problems else 0

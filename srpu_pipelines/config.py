@@ -390,6 +390,12 @@ class ActiveParams(_Strict):
         "champion model",
     )
     ensemble: EnsembleParams = EnsembleParams()
+    await_rounds: int = Field(
+        default=3,
+        ge=1,
+        description="picks of the last N rounds still unlabelled are not offered again; "
+        "older ones are",
+    )
     min_new_masks: int = Field(
         default=2, ge=1, description="the sensor starts a round when this many new masks are in"
     )

@@ -111,7 +111,7 @@ def run_select(params: Params, tracker: Tracker | None) -> dict[str, Any]:
         n, folder = existing
         return {"round": n, "folder": folder, "summary": load_summary(folder), "new": False}
     awaiting = awaiting_ids(params, index)
-    cands, unscored = candidates(params, index, key, awaiting)
+    cands, unscored, centres = candidates(params, index, key, awaiting)
     if unscored:
         raise ValueError(
             f"{len(unscored)} pool image(s) have no scores from model {key} "
@@ -125,7 +125,7 @@ def run_select(params: Params, tracker: Tracker | None) -> dict[str, Any]:
     cold = is_cold(params, key)
     rounds = round_folders(params)
     number = rounds[-1][0] + 1 if rounds else 1
-    chosen = select(params, cands, cold, seed=params.seed * 1000 + number)
+    chosen = select(params, cands, cold, seed=params.seed * 1000 + number, centres=centres)
     predict = _predictor(params, ckpt) if ckpt is not None else (lambda item: None)
     n, folder, summary = write_round(params, chosen, predict, key, revision, cold)
     log.info("round %d: %d items selected into %s", n, len(chosen), folder)
@@ -143,7 +143,6 @@ def run_record_round(
 
     from srpu_pipelines.active_learning.history import (
         append_history,
-        history_path,
         read_history,
         stop_reason,
     )
@@ -191,8 +190,7 @@ def run_record_round(
         "selected_round": selected_round,
         "selected": selected,
     }
-    append_history(params, entry)
-    if tracker is not None:
+    if tracker is not None:  # first: a failure here leaves no history line to skip it
         metrics = {
             k: float(entry[k])
             for k in (
@@ -210,9 +208,9 @@ def run_record_round(
             {"srpu.stage": "active_learning_round", "srpu.round": str(entry["round"])},
         ):
             tracker.log_metrics(metrics, step=entry["round"])
-            tracker.log_artifact(history_path(params), "active_learning")
             tracker.log_artifact(
                 folders[selected_round] / "selection_summary.json", "active_learning"
             )
+    append_history(params, entry)
     history.append(entry)
     return {"entry": entry, "new": True, "stop": stop_reason(params, history)}

@@ -13,7 +13,7 @@ import torch
 
 from srpu_pipelines.active_learning import uncertainty as U
 from srpu_pipelines.active_learning.rounds import awaiting_ids, new_labels, round_folders
-from srpu_pipelines.active_learning.scoring import COLD_KEY, score_pool, tile_id
+from srpu_pipelines.active_learning.scoring import COLD_KEY, score_pool
 from srpu_pipelines.active_learning.selection import (
     Candidate,
     candidates,
@@ -23,6 +23,7 @@ from srpu_pipelines.active_learning.selection import (
     select,
 )
 from srpu_pipelines.config import parse_params
+from srpu_pipelines.data.discovery import tile_name
 from srpu_pipelines.data.masks import MaskCodec
 from srpu_pipelines.models.checkpoint import model_config, save_checkpoint
 from srpu_pipelines.models.factory import model_from_params
@@ -96,13 +97,20 @@ def test_score_probabilities_ranks_images_and_tiles():
     assert a["image"]["boundary_entropy"]["mean"] == 0.0  # one class: no boundary
 
 
-def test_tile_grid_covers_odd_sizes():
+def test_tile_grid_covers_odd_sizes_without_overlap():
     tiles = U.tile_grid(70, 100, 32)
-    covered = np.zeros((70, 100), bool)
+    count = np.zeros((70, 100), int)
     for y, x, h, w in tiles:
-        covered[y : y + h, x : x + w] = True
-    assert covered.all() and all(h == 32 and w == 32 for _, _, h, w in tiles)
-    assert U.tile_grid(20, 50, 32) == [(0, 0, 20, 32), (0, 18, 20, 32)]
+        count[y : y + h, x : x + w] += 1
+    assert (count == 1).all()  # every pixel in exactly one tile
+    assert {h for _, _, h, _ in tiles} == {32, 38} and {w for *_, w in tiles} == {32, 36}
+    assert U.tile_grid(20, 50, 32) == [(0, 0, 20, 32), (0, 32, 20, 18)]
+    assert U.tile_grid(64, 64, 32) == [
+        (0, 0, 32, 32),
+        (0, 32, 32, 32),
+        (32, 0, 32, 32),
+        (32, 32, 32, 32),
+    ]
 
 
 def test_unknown_strategy_and_weights_errors_name_the_key(tmp_path):
@@ -210,7 +218,7 @@ def test_scores_are_kept_until_the_model_or_the_image_changes(al_params):
     p = al_params
     ckpt = _random_champion(p)
     index = load_index(p.data.index_path)
-    n = len(index["pool"])
+    n = len(index["pool"]) + len(index["items"])  # labelled images: for their embeddings
     first = score_pool(p, index, ckpt, "m/v1", progress=False)
     assert (first["computed"], first["kept"]) == (n, 0)
     summary = (Path(p.active.out_dir) / "scores/summary.json").read_bytes()
@@ -259,8 +267,8 @@ def test_round_folder_exclusions_and_returning_masks(al_params):
     labeled = Path(next(d.labeled for d in p.data.datasets if d.name == first["dataset"]))
     shutil.copy(first["image_file"], labeled / Path(first["image_file"]).name)
     shutil.copy(first["mask_file"], labeled / Path(first["mask_file"]).name)
-    pairs, problems = new_labels(p, index)
-    assert [x.id for x in pairs] == [first["id"]] and problems == []
+    pairs, changed, problems = new_labels(p, index)
+    assert [x.id for x in pairs] == [first["id"]] and changed == [] and problems == []
     run_index(p, progress=False)
     index = load_index(p.data.index_path)
     assert first["id"] in {it["id"] for it in index["items"]}
@@ -282,8 +290,8 @@ def test_partial_and_invalid_drops_are_reported(al_params):
     bad[0, 0] = (12, 34, 56)
     save(labeled / "odd colour.png", np.zeros((64, 64), np.uint8))
     save(labeled / "odd colour_mask.png", bad)
-    pairs, problems = new_labels(p, load_index(p.data.index_path))
-    assert pairs == []
+    pairs, changed, problems = new_labels(p, load_index(p.data.index_path))
+    assert pairs == [] and changed == []
     text = "\n".join(str(x) for x in problems)
     assert "orphan_mask.png: mask without an image" in text
     assert "small_mask.png: mask size 32x32 differs" in text
@@ -305,7 +313,7 @@ def test_cold_start_without_a_model_and_tiles_as_units(al_params):
     r = run_select(p, None)
     s = r["summary"]["selected"][0]
     y, x, h, w = s["box"]
-    assert s["id"] == tile_id(s["image_id"], y, x) and (h, w) == (32, 32)
+    assert s["id"] == tile_name(s["image_id"], y, x) and (h, w) == (32, 32)
     from srpu_pipelines.data.imageio import read_raw
 
     assert read_raw(s["image_file"]).shape == (32, 32)
@@ -315,8 +323,51 @@ def test_cold_start_without_a_model_and_tiles_as_units(al_params):
 
     index = load_index(p.data.index_path)
     index["items"].append({**index["items"][0], "id": s["id"]})
-    cands, _ = candidates(p, index, r["summary"]["model_key"], set())
+    cands, _, _ = candidates(p, index, r["summary"]["model_key"], set())
     assert s["id"] not in {c.id for c in cands}
     p.active.unit = "image"
-    cands, _ = candidates(p, index, r["summary"]["model_key"], set())
+    cands, _, _ = candidates(p, index, r["summary"]["model_key"], set())
     assert s["image_id"] not in {c.id for c in cands}
+
+
+def test_coreset_keeps_away_from_what_is_labelled(tiny_params):
+    p = tiny_params.model_copy(deep=True)
+    p.active.batch_size = 1
+    p.active.weights = {}
+    p.active.diversity = "coreset"
+    cands = [
+        _cand(0, {"entropy": 0.5}, [0.0, 0.0]),
+        _cand(1, {"entropy": 0.5}, [0.1, 0.0]),
+        _cand(2, {"entropy": 0.5}, [5.0, 5.0]),
+    ]
+    near_zero = np.array([[0.05, 0.0]])
+    assert select(p, cands, cold=False, seed=0, centres=near_zero)[0]["id"] == "d/img2"
+    near_two = np.array([[5.0, 5.0]])
+    assert select(p, cands, cold=False, seed=0, centres=near_two)[0]["id"] != "d/img2"
+
+
+def test_records_of_dotted_names_do_not_collide(tiny_params):
+    from srpu_pipelines.active_learning.scoring import record_paths
+
+    a = record_paths(tiny_params, "a/S1_0.5kV")
+    b = record_paths(tiny_params, "a/S1_0.7kV")
+    assert a != b and a[0].name == "a__S1_0.5kV.json" and a[1].name == "a__S1_0.5kV.npy"
+
+
+def test_stop_after_max_rounds_or_small_gains(tiny_params):
+    from srpu_pipelines.active_learning.history import stop_reason
+
+    p = tiny_params.model_copy(deep=True)
+    p.active.max_rounds, p.active.stop_min_gain, p.active.stop_patience = 3, 0.01, 2
+    first = {"corrected": [], "val_miou_before": None, "val_miou_after": 0.5}
+
+    def rnd(before: float, after: float) -> dict:
+        return {"corrected": ["x"], "val_miou_before": before, "val_miou_after": after}
+
+    assert stop_reason(p, [first]) is None
+    assert stop_reason(p, [first, rnd(0.5, 0.6), rnd(0.6, 0.605)]) is None  # one small gain
+    why = stop_reason(p, [first, rnd(0.5, 0.6), rnd(0.6, 0.605), rnd(0.605, 0.605)])
+    assert why and "active.max_rounds" in why  # three rounds with corrections
+    p.active.max_rounds = 10
+    why = stop_reason(p, [first, rnd(0.5, 0.6), rnd(0.6, 0.605), rnd(0.605, 0.605)])
+    assert why and "stop_min_gain" in why and "[0.005, 0.0]" in why

@@ -111,12 +111,14 @@ def test_materialize_everything(resources):
     assert FAKE.aliases == {"challenger": "1", CHAMPION: "1"}
     assert len(list((tmp / "out/pred").glob("*_pred.png"))) == 1
     scores = _metadata(result, "uncertainty_scores")
-    assert scores["computed"].value == 4 and scores["model_key"].value.startswith("srpu-test/v1:")
+    assert scores["computed"].value == 12  # 4 pool + 8 labelled (their embeddings)
+    assert scores["model_key"].value.startswith("srpu-test/v1:")
     batch = _metadata(result, "selected_batch")
     assert batch["round"].value == 1 and batch["items"].value == 2
     assert batch["batch"].value.count("data:image/png") == 6  # image, mask, heat map each
     names = [r["name"] for r in FAKE.runs.values()]
-    assert names == ["mae_encoder", "train_head", "train_tune"]  # one MLflow run each
+    # one MLflow run each, and the first line of the active-learning history
+    assert names == ["mae_encoder", "train_head", "train_tune", "active_learning_round_1"]
     run = FAKE.runs[FAKE.versions[0].run_id]
     assert run["params"]["train"]["epochs"] == 2 and run["tags"]["srpu.data_revision"]
     assert run["params"]["train"]["semi"]["enabled"] and run["tags"]["srpu.stage"] == "tune"

@@ -23,6 +23,8 @@ from srpu_pipelines.sensors.new_masks import (
     check_new_masks,
     new_masks_sensor,
     round_asset_keys,
+    round_run_config,
+    round_selection,
 )
 from srpu_pipelines.steps import run_index
 from tests.conftest import color_mask, save, tiny_params_dict
@@ -110,47 +112,115 @@ def test_round_job_is_defined_with_the_gate_and_a_warm_start():
     assert [s.name for s in defs.sensors] == ["new_masks_sensor"]
 
 
-def test_a_whole_round(project):
-    """Pipeline once; a person corrects round 1's masks (here: accepts them as they are)
-    and drops them; the sensor asks for a round; the round retrains warm from the
-    champion, re-scores, selects round 2 and records the history; the same files again
-    start nothing."""
-    p, pf = project
+def _pipeline_then_corrections(p, pf):
+    """The whole pipeline once; then a person corrects round 1 (the first mask gets a
+    painted square, the others are accepted as predicted) and drops image + mask."""
     FAKE.__init__()
     FAKE_DVC.__init__()
     res = {"params": ParamsResource(path=str(pf)), "mlflow": FakeMlflow(), "dvc": FakeDvcResource()}
+    # the labelled folders' parent is DVC-tracked, as in the demo (data/demo/labeled.dvc)
+    tracked = Path(p.data.datasets[0].labeled).parent
+    Path(f"{tracked}.dvc").write_text("outs:\n- md5: 0.dir\n  path: labeled\n")
     assets = pipeline_assets(p)
     assert dg.materialize([*assets, *CHECKS], resources=res).success
-    ((n1, folder1),) = round_folders(p)
+    ((_, folder1),) = round_folders(p)
     summary = json.loads((folder1 / "selection_summary.json").read_text())
-    for s in summary["selected"]:
+    for i, s in enumerate(summary["selected"]):
         labeled = Path(next(d.labeled for d in p.data.datasets if d.name == s["dataset"]))
         shutil.copy(s["image_file"], labeled / Path(s["image_file"]).name)
-        shutil.copy(s["mask_file"], labeled / Path(s["mask_file"]).name)
-    request, key, _ = check_new_masks(p, None, round_running=False)
-    assert request is not None
-    final = "train_tune"
-    result = dg.materialize(
+        mask = np.asarray(__import__("PIL.Image").Image.open(s["mask_file"]).convert("RGB"))
+        if i == 0:
+            mask = mask.copy()
+            mask[8:40, 8:40] = (0, 255, 0)  # the person paints carbon here
+        save(labeled / Path(s["mask_file"]).name, mask)
+    return res, assets, summary, tracked
+
+
+def _run_round(p, res, assets, tags):
+    return dg.materialize(
         [*assets, *CHECKS],
         resources=res,
-        selection=dg.AssetSelection.assets(*round_asset_keys(p)),
-        run_config={"ops": {final: {"config": {"warm_start": True}}}},
-        tags=request.tags,
+        selection=round_selection(p),
+        run_config=round_run_config(p),
+        tags=tags,
     )
-    assert result.success
+
+
+def test_a_whole_round(project):
+    """Corrected masks in; the sensor asks for a round; the round retrains warm from the
+    champion, re-scores, selects round 2 and records the history; the same files again
+    start nothing."""
+    p, pf = project
+    res, assets, summary, tracked = _pipeline_then_corrections(p, pf)
+    request, key, _ = check_new_masks(p, None, round_running=False)
+    assert request is not None
+    assert _run_round(p, res, assets, request.tags).success
     tune_runs = [r for r in FAKE.runs.values() if r["name"] == "train_tune"]
     assert len(tune_runs) == 2 and tune_runs[-1]["tags"]["srpu.init"] == "alias:champion"
     assert len(FAKE.versions) == 2  # a new model version, champion if not worse
-    assert FAKE_DVC.calls  # the labelled folders went to DVC (none tracked in this copy)
-    rounds = round_folders(p)
-    assert [n for n, _ in rounds] == [1, 2]
+    assert FAKE_DVC.calls[-1] == [str(tracked)]  # the labels went to DVC
+    assert [n for n, _ in round_folders(p)] == [1, 2]
     history = read_history(p)
     assert len(history) == 2
     h = history[-1]
     assert sorted(h["corrected"]) == sorted(s["id"] for s in summary["selected"])
-    assert all(e["dice"] == 1.0 for e in h["correction_effort"])  # accepted as predicted
+    dice = {e["id"]: e["dice"] for e in h["correction_effort"]}
+    first = summary["selected"][0]["id"]
+    assert 0 < dice[first] < 1 and all(d == 1.0 for i, d in dice.items() if i != first)
     assert h["selected_round"] == 2 and h["val_miou_after"] is not None
     assert any(r["name"] == "active_learning_round_2" for r in FAKE.runs.values())
     # the same files again: nothing new, no run
     request, _, msg = check_new_masks(p, key, round_running=False)
     assert request is None and "0 new valid mask(s)" in msg
+
+
+def test_a_round_whose_model_is_not_better_still_selects(project, monkeypatch):
+    """The gate fails: the champion stays, yet the pool is re-scored and round 2 written,
+    so the loop goes on; the history records no gain."""
+    import srpu_pipelines.steps as steps
+
+    p, pf = project
+    res, assets, _, _ = _pipeline_then_corrections(p, pf)
+    champion = FAKE.aliases["champion"]
+
+    def failing_gate(params, tracker):
+        return {
+            "passed": False,
+            "reason": "test: not better",
+            "candidate_version": None,
+            "candidate_val_miou": 0.1,
+            "champion_version": champion,
+            "champion_val_miou": 0.5,
+        }
+
+    monkeypatch.setattr(steps, "champion_gate", failing_gate)
+    request, _, _ = check_new_masks(p, None, round_running=False)
+    assert _run_round(p, res, assets, request.tags).success
+    assert FAKE.aliases["champion"] == champion
+    assert [n for n, _ in round_folders(p)] == [1, 2]
+    h = read_history(p)[-1]
+    assert h["promoted"] is False and h["val_miou_after"] == h["val_miou_before"] == 0.5
+
+
+DVC = Path(__import__("sys").executable).parent / "dvc"
+
+
+@pytest.mark.skipif(not DVC.exists(), reason=f"{DVC} missing: run `make setup`")
+def test_dvc_commits_the_tracked_folder_above_a_labelled_folder(tmp_path):
+    import subprocess
+
+    from srpu_pipelines.resources.dvc import DvcCli, dvc_md5, tracked_folders
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([str(DVC), "init", "-q"], cwd=tmp_path, check=True)
+    labeled = tmp_path / "data/labeled"
+    save(labeled / "ds1/a_mask.png", color_mask(np.zeros((8, 8), np.uint8)))
+    subprocess.run([str(DVC), "add", "-q", "data/labeled"], cwd=tmp_path, check=True)
+    before = dvc_md5(labeled)
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    assert tracked_folders([labeled / "ds1", other]) == ([labeled], [other])
+    save(labeled / "ds1/b_mask.png", color_mask(np.ones((8, 8), np.uint8)))
+    out = DvcCli(push=True).add([labeled / "ds1", other])  # no remote: no push, no error
+    assert list(out) == [str(labeled)] and out[str(labeled)] not in (None, before)
+    assert (labeled / "ds1/a_mask.png").is_file()  # the earlier label is still there

@@ -9,6 +9,7 @@ AL_ARMS = (
     "least_confidence",
     "margin",
     "variance",
+    "boundary_entropy",
     "boundary_margin",
     "coreset",
     "default",

@@ -49,16 +49,20 @@ def append_history(params: Params, entry: dict[str, Any]) -> None:
 
 
 def stop_reason(params: Params, history: list[dict[str, Any]]) -> str | None:
-    """Why active learning should stop, or None: ``active.max_rounds`` rounds done, or the
-    champion's validation mIoU gained less than ``stop_min_gain`` in each of the last
-    ``stop_patience`` rounds."""
+    """Why active learning should stop, or None: ``active.max_rounds`` rounds with
+    corrected masks done, or the champion's validation mIoU gained less than
+    ``stop_min_gain`` in each of the last ``stop_patience`` such rounds (a round whose
+    model was not promoted gained nothing)."""
     a = params.active
-    if len(history) >= a.max_rounds:
-        return f"{len(history)} rounds done (active.max_rounds: {a.max_rounds})"
+    done = sum(1 for h in history if h.get("corrected"))  # not the first, label-less entry
+    if done >= a.max_rounds:
+        return f"{done} rounds done (active.max_rounds: {a.max_rounds})"
     gains = [
         h["val_miou_after"] - h["val_miou_before"]
         for h in history
-        if h.get("val_miou_after") is not None and h.get("val_miou_before") is not None
+        if h.get("corrected")
+        and h.get("val_miou_after") is not None
+        and h.get("val_miou_before") is not None
     ]
     last = gains[-a.stop_patience :]
     if len(last) == a.stop_patience and all(g < a.stop_min_gain for g in last):

@@ -67,10 +67,12 @@ def labeled_revision(index: dict[str, Any]) -> str:
 
 
 def awaiting_ids(params: Params, index: dict[str, Any]) -> set[str]:
-    """Items selected in a round whose corrected mask has not been indexed yet."""
+    """Items selected in one of the last ``active.await_rounds`` rounds whose corrected
+    mask has not been indexed yet. Older unlabelled picks are offered again: a person may
+    have skipped them."""
     labeled = {it["id"] for it in index["items"]}
     out: set[str] = set()
-    for _, folder in round_folders(params):
+    for _, folder in round_folders(params)[-params.active.await_rounds :]:
         out |= {s["id"] for s in load_summary(folder)["selected"]} - labeled
     return out
 
@@ -189,15 +191,19 @@ def _sha256_cached(path: Path) -> str:
     return _SHA_CACHE[key]
 
 
-def new_labels(params: Params, index: dict[str, Any]) -> tuple[list[Pair], list[Problem]]:
-    """Labelled pairs on disk that the index does not hold yet (or whose mask changed), each
-    validated like the index does (decodes to classes, same size as its image); and the
-    problems (a mask without its image, an image without a mask, an invalid mask)."""
+def new_labels(
+    params: Params, index: dict[str, Any]
+) -> tuple[list[Pair], list[Pair], list[Problem]]:
+    """Labelled pairs on disk that the index does not hold yet, and indexed pairs whose
+    mask has changed since, each validated like the index does (decodes to classes, same
+    size as its image); and the problems (a mask without its image, an image without a
+    mask, an invalid mask). Returns (new, changed, problems)."""
     from srpu_pipelines.data.index import _check_pair
 
     codec = MaskCodec.from_params(params)
     known = {it["id"]: it for it in index["items"]}
-    pairs: list[Pair] = []
+    new: list[Pair] = []
+    changed: list[Pair] = []
     problems: list[Problem] = []
     for spec in params.data.datasets:
         found, pr = find_labeled(spec, params.mask.suffix)
@@ -210,8 +216,8 @@ def new_labels(params: Params, index: dict[str, Any]) -> tuple[list[Pair], list[
             if prob:
                 problems.append(prob)
             else:
-                pairs.append(p)
-    return pairs, problems
+                (new if old is None else changed).append(p)
+    return new, changed, problems
 
 
 def correction_effort(params: Params, index: dict[str, Any]) -> list[dict[str, Any]]:

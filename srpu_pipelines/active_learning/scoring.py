@@ -46,11 +46,6 @@ def safe_name(item_id: str) -> str:
     return item_id.replace("/", "__")
 
 
-def tile_id(image_id: str, y: int, x: int) -> str:
-    """The id a selected tile gets, and keeps when its corrected mask is labelled."""
-    return f"{image_id}__y{y}_x{x}"
-
-
 # -- ensembles ---------------------------------------------------------------------------
 class _Dihedral(nn.Module):
     """The model seen through a flip and a quarter turn (undone on the output)."""
@@ -183,8 +178,9 @@ def scores_dir(params: Params) -> Path:
 
 
 def record_paths(params: Params, item_id: str) -> tuple[Path, Path]:
+    # not with_suffix: "S1_0.5kV" would become "S1_0.json", shared with "S1_0.7kV"
     base = scores_dir(params) / safe_name(item_id)
-    return base.with_suffix(".json"), base.with_suffix(".npy")
+    return base.with_name(base.name + ".json"), base.with_name(base.name + ".npy")
 
 
 def is_fresh(
@@ -269,6 +265,7 @@ def score_pool(
 ) -> dict[str, Any]:
     """Score every pool image whose stored record is stale (another model, image content or
     settings) or missing; keep the rest. ``checkpoint`` None scores for a cold start.
+    Labelled images are scored too: their embeddings tell core-set what is covered.
 
     Writes ``scores/summary.json`` (per image: its scores per strategy and aggregation, the
     model key; the same bytes when nothing changed) and returns it with the counts
@@ -280,10 +277,11 @@ def score_pool(
         model, cfg = load_checked(params, checkpoint)
         in_ch = cfg["in_channels"]
     settings = settings_key(params)
-    pool = index.get("pool", [])
+    pool_ids = {it["id"] for it in index.get("pool", [])}
+    todo = index.get("pool", []) + index["items"]
     computed, kept, failed = 0, 0, []
     rows = []
-    for item in tqdm(pool, desc="score pool", disable=not progress, unit="img"):
+    for item in tqdm(todo, desc="score pool", disable=not progress, unit="img"):
         rec = load_record(params, item["id"])
         if is_fresh(rec, item, model_key, settings):
             kept += 1
@@ -298,6 +296,8 @@ def score_pool(
             atomic_write_with(npy, lambda tmp, emb=emb: np.save(tmp, emb))
             atomic_write_json(js, rec)  # the record last: it vouches for the .npy
             computed += 1
+        if item["id"] not in pool_ids:
+            continue
         rows.append(
             {
                 "id": rec["id"],

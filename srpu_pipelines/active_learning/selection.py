@@ -25,9 +25,9 @@ from srpu_pipelines.active_learning.scoring import (
     load_embeddings,
     load_record,
     settings_key,
-    tile_id,
 )
 from srpu_pipelines.config import Params
+from srpu_pipelines.data.discovery import tile_name, tile_parent
 
 
 @dataclass
@@ -44,33 +44,50 @@ class Candidate:
     embedding: np.ndarray = field(repr=False)
 
 
-def _labeled_ids(index: dict[str, Any]) -> set[str]:
-    return {it["id"] for it in index["items"]}
+def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
 
 
 def candidates(
     params: Params, index: dict[str, Any], model_key: str, excluded: set[str]
-) -> tuple[list[Candidate], list[str]]:
-    """Selectable units with fresh scores, and the pool images that have none (not yet
-    scored by this model, or stale)."""
+) -> tuple[list[Candidate], list[str], np.ndarray]:
+    """Selectable units with fresh scores; the pool images that have none (not yet scored
+    by this model, or stale); and the embeddings of what is labelled or awaiting
+    correction (``excluded``), where scored: the centres core-set keeps away from.
+
+    Never offered: a labelled or awaiting item; a whole image one of whose tiles is
+    labelled or awaiting; a tile of a labelled or awaiting image, or one that overlaps a
+    labelled or awaiting tile (the same pixels must not be labelled twice, perhaps into
+    two splits)."""
     a = params.active
     settings = settings_key(params)
-    labeled = _labeled_ids(index) | excluded
-    # an image one of whose tiles is labelled (or awaiting) is not offered whole, and the
-    # other way round: the same pixels must not be labelled twice, perhaps in two splits
-    parents = {i.split("__y", 1)[0] for i in labeled if "__y" in i}
+    items = {it["id"]: it for it in index["items"]}
+    taken = set(items) | excluded
+    boxes: dict[str, list[tuple[int, int, int, int]]] = {}
+    for i in taken:
+        tp = tile_parent(i)
+        if tp is not None:
+            h, w = (items[i]["height"], items[i]["width"]) if i in items else (a.tile_size,) * 2
+            boxes.setdefault(tp[0], []).append((tp[1], tp[2], h, w))
     out: list[Candidate] = []
     unscored: list[str] = []
+    centres: list[np.ndarray] = []
+    for item in index["items"]:  # scored for their embeddings only
+        rec = load_record(params, item["id"])
+        if is_fresh(rec, item, model_key, settings):
+            centres.append(load_embeddings(params, item["id"]).mean(0))
     for item in index.get("pool", []):
-        if item["id"] in labeled:
-            continue
         rec = load_record(params, item["id"])
         if not is_fresh(rec, item, model_key, settings):
-            unscored.append(item["id"])
+            if item["id"] not in taken:
+                unscored.append(item["id"])
             continue
         emb = load_embeddings(params, item["id"])
+        if item["id"] in taken:
+            centres.append(emb.mean(0))
+            continue
         if a.unit == "image":
-            if item["id"] in parents:
+            if item["id"] in boxes:
                 continue
             sc = {s: v[a.aggregation] for s, v in rec["image_scores"].items()}
             out.append(
@@ -87,8 +104,11 @@ def candidates(
             )
             continue
         for row, t in zip(emb, rec["tiles"], strict=True):
-            tid = tile_id(item["id"], t["y"], t["x"])
-            if tid in labeled:
+            box = (t["y"], t["x"], t["h"], t["w"])
+            tid = tile_name(item["id"], t["y"], t["x"])
+            if tid in excluded:
+                centres.append(row)
+            if any(_overlaps(box, b) for b in boxes.get(item["id"], [])):
                 continue
             sc = {s: v[a.aggregation] for s, v in t["scores"].items()}
             out.append(
@@ -96,14 +116,16 @@ def candidates(
                     tid,
                     item["id"],
                     item["dataset"],
-                    f"{item['name']}__y{t['y']}_x{t['x']}",
+                    tile_name(item["name"], t["y"], t["x"]),
                     item["image"],
-                    (t["y"], t["x"], t["h"], t["w"]),
+                    box,
                     sc,
                     row,
                 )
             )
-    return out, unscored
+    dim = out[0].embedding.shape[0] if out else 0
+    keep = [c for c in centres if c.shape[0] == dim]
+    return out, unscored, np.stack(keep) if keep else np.zeros((0, dim))
 
 
 def rank_normalise(values: np.ndarray) -> np.ndarray:
@@ -125,8 +147,9 @@ def combined_scores(cands: list[Candidate], weights: dict[str, float]) -> np.nda
     return out / total
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = x - x.mean(0, keepdims=True)
+def _unit(x: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """Centred on ``mean`` and scaled to unit length: distances compare directions."""
+    x = x - mean
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
@@ -182,16 +205,21 @@ def select(
     cands: list[Candidate],
     cold: bool,
     seed: int,
+    centres: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """Pick ``active.batch_size`` candidates; returns them in rank order as dicts with the
-    combined score and the score per strategy."""
+    combined score and the score per strategy. ``centres`` (M, D): embeddings of what is
+    labelled or awaiting correction; core-set picks far from them."""
     a = params.active
     k = min(a.batch_size, len(cands))
     if k == 0:
         return []
     order = sorted(range(len(cands)), key=lambda i: cands[i].id)  # a fixed order to start
     cands = [cands[i] for i in order]
-    emb = _unit(np.stack([c.embedding for c in cands]).astype(np.float64))
+    raw_emb = np.stack([c.embedding for c in cands]).astype(np.float64)
+    mean = raw_emb.mean(0, keepdims=True)
+    emb = _unit(raw_emb, mean)
+    cen = _unit(centres.astype(np.float64), mean) if centres is not None and len(centres) else None
     if cold:
         # appearance features on different scales: standardise each before clustering
         raw = np.stack([c.embedding for c in cands]).astype(np.float64)
@@ -216,9 +244,10 @@ def select(
             top = sorted(range(len(cands)), key=lambda i: (-combined[i], cands[i].id))[:pool]
             sub = emb[top]
             if a.diversity == "coreset":
-                # start from the most uncertain; unweighted, from the most typical
+                # far from what is labelled; with nothing labelled, start from the most
+                # uncertain (weighted) or the most typical (unweighted)
                 first = 0 if weighted else int(np.argmin(((sub - sub.mean(0)) ** 2).sum(-1)))
-                local = k_center_greedy(sub, k, first)
+                local = k_center_greedy(sub, k, first, cen)
             else:
                 local = kmeans_pick(sub, k, combined[top], seed, typical=not weighted)
             picks = [top[i] for i in local]

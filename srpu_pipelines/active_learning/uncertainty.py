@@ -102,17 +102,18 @@ def aggregate(
 
 
 def tile_grid(height: int, width: int, tile: int) -> list[tuple[int, int, int, int]]:
-    """Non-overlapping (y, x, h, w) tiles covering the image; the last row and column are
-    shifted to end at the border (so they may overlap their neighbour), and an image smaller
-    than a tile is one tile."""
+    """Non-overlapping (y, x, h, w) tiles covering the image, so no pixel is labelled
+    twice. Tiles are ``tile`` px; a remainder of at least half a tile is a smaller tile
+    of its own, a smaller one widens the last tile (up to 1.5 x ``tile``)."""
 
-    def starts(n: int) -> list[int]:
-        if n <= tile:
-            return [0]
-        return sorted(set(list(range(0, n - tile + 1, tile)) + [n - tile]))
+    def spans(n: int) -> list[tuple[int, int]]:
+        starts = list(range(0, n, tile))
+        if len(starts) > 1 and n - starts[-1] < tile // 2:
+            starts.pop()
+        ends = starts[1:] + [n]
+        return [(a, b - a) for a, b in zip(starts, ends, strict=True)]
 
-    th, tw = min(tile, height), min(tile, width)
-    return [(y, x, th, tw) for y in starts(height) for x in starts(width)]
+    return [(y, x, h, w) for y, h in spans(height) for x, w in spans(width)]
 
 
 def score_probabilities(

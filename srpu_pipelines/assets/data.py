@@ -85,15 +85,24 @@ def splits_hold_every_class(params: ParamsResource) -> dg.AssetCheckResult:
     description="The labelled folders committed to DVC (dvc add, dvc push): every label "
     "version stays in the DVC cache and remote. Folders DVC does not track are left alone.",
 )
-def labeled_data(params: ParamsResource, dvc: DvcResource) -> dg.MaterializeResult:
+def labeled_data(context, params: ParamsResource, dvc: DvcResource) -> dg.MaterializeResult:
+    # (context unannotated: with postponed annotations Dagster cannot read the string)
+    from srpu_pipelines.resources.dvc import tracked_folders
+
     p = params.load()
     folders = [Path(f) for d in p.data.datasets for f in (d.labeled, d.masks) if f is not None]
+    untracked = tracked_folders(folders)[1]
+    for f in untracked:
+        context.log.warning(
+            f"{f} is not DVC-tracked: its labels are not versioned (run `dvc add` on it, or "
+            "on a folder above it, once)"
+        )
     md5 = dvc.client().add(folders)
     rows = ["| folder | DVC md5 |", "| --- | --- |"] + [f"| {f} | {h} |" for f, h in md5.items()]
     return dg.MaterializeResult(
         metadata={
             "committed": len(md5),
-            "not_tracked": len(folders) - len(md5),
+            "not_tracked": dg.MetadataValue.md("\n".join(f"- {f}" for f in untracked) or "none"),
             "versions": dg.MetadataValue.md("\n".join(rows)),
         }
     )

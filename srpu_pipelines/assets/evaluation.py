@@ -63,16 +63,17 @@ def not_worse_than_champion(params: ParamsResource, mlflow: MlflowResource) -> d
 @dg.asset(
     group_name="evaluation",
     deps=["evaluation"],
-    description="Alias 'champion' on the new model version; runs only when the "
-    "blocking gate passed.",
+    description="Alias 'champion' on the new model version when it is not worse than the "
+    "champion. In srpu_pipeline it runs only when the blocking gate passed; in an "
+    "active-learning round it applies the gate itself and keeps the champion otherwise.",
 )
 def champion_model(params: ParamsResource, mlflow: MlflowResource) -> dg.MaterializeResult:
     p = params.load()
     tracker = mlflow.tracker(p)
     if tracker is None:
         raise dg.Failure("tracking.enabled is false: no registry to promote in")
-    # the blocking check above has passed, or this would not run; run_promote re-checks
-    # and writes the decision where `srpu promote` (DVC) writes it
+    # run_promote applies the gate (again, where the blocking check ran) and writes the
+    # decision where `srpu promote` (DVC) writes it
     g = run_promote(p, tracker)
     mv = tracker.get_alias(CHAMPION)
     return dg.MaterializeResult(
@@ -80,6 +81,7 @@ def champion_model(params: ParamsResource, mlflow: MlflowResource) -> dg.Materia
             "registered_model": tracker.registered_model,
             "version": mv.version if mv else None,
             "promoted": g["passed"],
+            "gate": g["reason"] or ("passed" if g["passed"] else "not better than the champion"),
             "val_miou": mv.val_miou if mv else None,
             "uri": f"models:/{tracker.registered_model}@champion",
         }

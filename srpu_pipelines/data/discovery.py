@@ -7,6 +7,7 @@ pool. Anything that cannot be paired is reported as a :class:`Problem`, never gu
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,21 @@ class Pair(PoolImage):
     """An image and its mask."""
 
     mask: Path
+
+
+_TILE = re.compile(r"^(?P<parent>.+)__y(?P<y>\d+)_x(?P<x>\d+)$")
+
+
+def tile_name(name: str, y: int, x: int) -> str:
+    """The name of the tile of image ``name`` at (y, x): a selected tile keeps it when its
+    corrected mask is labelled (``NAME__y256_x0.tif`` + ``NAME__y256_x0_mask.png``)."""
+    return f"{name}__y{y}_x{x}"
+
+
+def tile_parent(item_id: str) -> tuple[str, int, int] | None:
+    """(parent image id, y, x) of a tile id, or None for a whole image."""
+    m = _TILE.match(item_id)
+    return (m["parent"], int(m["y"]), int(m["x"])) if m else None
 
 
 def _nfc(s: str) -> str:

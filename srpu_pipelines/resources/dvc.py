@@ -1,6 +1,8 @@
 """DVC owns data and labels: an interface, the DVC command line, and a recording fake.
 
-Only folders DVC already tracks (``FOLDER.dvc`` beside them) are committed: ``dvc add``
+Labelled folders are committed through the DVC-tracked folder that holds them (the
+folder itself or a parent with ``FOLDER.dvc`` beside it, e.g. ``data/demo/labeled.dvc``
+for ``data/demo/labeled/nmc_lpsc``); folders DVC does not track are reported. ``dvc add``
 stores the new content in the cache (every earlier version stays there and in the
 remote, none is overwritten) and rewrites ``FOLDER.dvc``; ``dvc push`` copies it to the
 default remote when one is set. Commit ``FOLDER.dvc`` with git to name the version.
@@ -21,13 +23,19 @@ import yaml
 log = logging.getLogger(__name__)
 
 
-def tracked_folders(folders: list[Path]) -> list[Path]:
-    """The folders that have a ``.dvc`` file beside them (unique, in order)."""
+def tracked_folders(folders: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(the DVC-tracked folders that hold ``folders``: each folder or its nearest parent
+    with a ``.dvc`` file beside it, unique and in order; the folders none holds)."""
     out: list[Path] = []
+    untracked: list[Path] = []
     for f in folders:
-        if Path(f"{f}.dvc").is_file() and f not in out:
-            out.append(f)
-    return out
+        f = Path(f)
+        owner = next((d for d in [f, *f.parents] if d.name and Path(f"{d}.dvc").is_file()), None)
+        if owner is None:
+            untracked.append(f)
+        elif owner not in out:
+            out.append(owner)
+    return out, untracked
 
 
 def dvc_md5(folder: Path) -> str | None:
@@ -42,7 +50,8 @@ def dvc_md5(folder: Path) -> str | None:
 class Dvc(abc.ABC):
     @abc.abstractmethod
     def add(self, folders: list[Path]) -> dict[str, str | None]:
-        """Commit the folders' current content; returns {folder: md5}."""
+        """Commit the current content of the tracked folders that hold ``folders``;
+        returns {tracked folder: md5}."""
 
 
 def _dvc_binary() -> str:
@@ -81,16 +90,20 @@ class DvcCli(Dvc):
                 return d
         raise FileNotFoundError(f"{folder}: not inside a DVC repository (no .dvc folder above)")
 
+    def _default_remote(self, root: Path) -> str | None:
+        try:
+            return self._run(root, "remote", "default").strip() or None
+        except RuntimeError:
+            return None  # `dvc remote default` exits 1 when none is set
+
     def add(self, folders: list[Path]) -> dict[str, str | None]:
         out: dict[str, str | None] = {}
-        for f in tracked_folders(folders):
+        for f in tracked_folders(folders)[0]:
             root = self._repo_root(f)
             rel = os.path.relpath(f.resolve(), root)
             self._run(root, "add", "--quiet", rel)
-            if self.push:
-                remote = self._run(root, "remote", "default").strip()
-                if remote:
-                    self._run(root, "push", "--quiet", f"{rel}.dvc")
+            if self.push and self._default_remote(root):
+                self._run(root, "push", "--quiet", f"{rel}.dvc")
             out[str(f)] = dvc_md5(f)
         return out
 
@@ -102,6 +115,6 @@ class RecordingDvc(Dvc):
         self.calls: list[list[str]] = []
 
     def add(self, folders: list[Path]) -> dict[str, str | None]:
-        tracked = tracked_folders(folders)
+        tracked = tracked_folders(folders)[0]
         self.calls.append([str(f) for f in tracked])
         return {str(f): dvc_md5(f) for f in tracked}

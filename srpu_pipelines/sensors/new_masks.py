@@ -1,9 +1,11 @@
 """The sensor that starts an active-learning round when corrected masks arrive.
 
 Each tick it lists the labelled pairs on disk that the index does not hold yet, each
-validated (decodes to the params colours, same size as its image). When at least
-``active.min_new_masks`` valid new pairs are there, no round is running and active
-learning has not stopped, it requests one run of the round job. The run key is a hash of
+validated (decodes to the params colours, same size as its image); an indexed mask that
+changed counts too, and is reported. When at least ``active.min_new_masks`` valid new
+pairs are there, no round is running, no file in the labelled folders would stop the
+index (with ``data.on_bad_input: error``) and active learning has not stopped, it
+requests one run of the round job. The run key is a hash of
 the new pairs (ids and mask contents): the same files dropped again map to the same key,
 and Dagster starts nothing for a key it has seen. Partial or invalid drops (a mask
 without its image, a mask of the wrong size or with unknown colours) are reported in the
@@ -46,15 +48,30 @@ def round_asset_keys(params: Params) -> list[str]:
     ]
 
 
+def round_selection(params: Params) -> dg.AssetSelection:
+    """The round's assets, without the blocking not_worse_than_champion check: a round
+    whose model is not better must still re-score and select (champion_model applies the
+    gate itself and keeps the champion), or the loop would stop with the new labels
+    indexed and no next batch. The index checks stay."""
+    return dg.AssetSelection.assets(
+        *round_asset_keys(params)
+    ).without_checks() | dg.AssetSelection.checks_for_assets("dataset_index")
+
+
+def round_run_config(params: Params) -> dict:
+    """The last stage starts from the champion."""
+    return {"ops": {stage_asset_name(final_stage(params)): {"config": {"warm_start": True}}}}
+
+
 def round_job(params: Params) -> dg.UnresolvedAssetJobDefinition:
-    final = stage_asset_name(final_stage(params))
     return dg.define_asset_job(
         ROUND_JOB,
-        selection=dg.AssetSelection.assets(*round_asset_keys(params)),
-        config={"ops": {final: {"config": {"warm_start": True}}}},
+        selection=round_selection(params),
+        config=round_run_config(params),
         description="One active-learning round: index the new labels, commit them to DVC, "
-        "retrain the last stage warm from the champion, evaluate, promote if better (the "
-        "blocking gate), re-score the pool, select the next batch, record the round.",
+        "retrain the last stage warm from the champion, evaluate, promote if not worse "
+        "(champion_model applies the gate), re-score the pool, select the next batch, "
+        "record the round.",
     )
 
 
@@ -70,11 +87,23 @@ def check_new_masks(
     cursor = cursor or ""
     if not params.data.index_path.is_file():
         return None, cursor, "no dataset index yet: materialize the pipeline once first"
-    pairs, problems = new_labels(params, load_index(params.data.index_path))
+    new, changed, problems = new_labels(params, load_index(params.data.index_path))
+    pairs = new + changed
     reported = "".join(f"\n  not usable: {p}" for p in problems[:20])
     if len(problems) > 20:
         reported += f"\n  ... and {len(problems) - 20} more"
+    reported += "".join(f"\n  changed since indexed: {p.mask}" for p in changed)
     n, need = len(pairs), params.active.min_new_masks
+    if problems and params.data.on_bad_input == "error":
+        # the round's index step would stop on them (data.on_bad_input: error)
+        return (
+            None,
+            cursor,
+            (
+                f"{n} new valid mask(s), but {len(problems)} file(s) in the labelled folders "
+                f"that the index refuses: fix or remove them{reported}"
+            ),
+        )
     if n < need:
         return None, cursor, f"{n} new valid mask(s), a round needs {need}{reported}"
     stop = stop_reason(params, read_history(params))
