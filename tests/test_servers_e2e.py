@@ -136,7 +136,11 @@ def demo_instance(tmp_path_factory):
     from srpu_pipelines.config import parse_params
     from srpu_pipelines.data.demo import generate_demo
     from srpu_pipelines.definitions import CHECKS, pipeline_assets
-    from srpu_pipelines.resources.dagster_resources import MlflowResource, ParamsResource
+    from srpu_pipelines.resources.dagster_resources import (
+        DvcResource,
+        MlflowResource,
+        ParamsResource,
+    )
 
     tmp = tmp_path_factory.mktemp("e2e")
     home = tmp / "dagster_home"
@@ -153,7 +157,11 @@ def demo_instance(tmp_path_factory):
     res = dg.materialize(
         [*pipeline_assets(parse_params(d)), *CHECKS],
         instance=instance,
-        resources={"params": ParamsResource(path=str(params_file)), "mlflow": MlflowResource()},
+        resources={
+            "params": ParamsResource(path=str(params_file)),
+            "mlflow": MlflowResource(),
+            "dvc": DvcResource(),  # the copy's labelled folders are not DVC-tracked
+        },
     )
     assert res.success
     return tmp, home, parse_params(d)
