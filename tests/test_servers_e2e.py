@@ -203,6 +203,10 @@ def test_dagster_ui_shows_the_assets_and_their_materialisations(demo_instance):
             # every node carries its latest materialisation
             assert dom.count("Materialized") >= len(names), f"{group}: no materialisation shown"
         assert (SHOTS / "dagster_asset_graph_evaluation.png").stat().st_size > 10_000
+        # the batch to label: a table inline (the previews are one click away)
+        url = f"http://127.0.0.1:{port}/assets/selected_batch"
+        dom = _render_showing(url, SHOTS / "dagster_selected_batch.png", ["combined score"])
+        assert "combined score" in dom and "mask to correct" in dom and "_mask.png" in dom
     finally:
         _stop(proc)
     assert "0.0.0.0" not in (tmp / "webserver.log").read_text(errors="replace")

@@ -61,6 +61,31 @@ def batch_table(summary: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def selection_table(summary: dict[str, Any]) -> dg.MetadataValue:
+    """The batch as a table the UI shows inline: rank, item, scores, the mask to correct."""
+    strategies = sorted(summary["selected"][0]["scores"]) if summary["selected"] else []
+    cols = [
+        dg.TableColumn("rank", "int"),
+        dg.TableColumn("item", "string"),
+        dg.TableColumn("combined score", "float"),
+        *[dg.TableColumn(s, "float") for s in strategies],
+        dg.TableColumn("mask to correct", "string"),
+    ]
+    rows = [
+        dg.TableRecord(
+            {
+                "rank": s["rank"],
+                "item": s["id"],
+                "combined score": s["combined_score"],
+                **{k: s["scores"][k] for k in strategies},
+                "mask to correct": s.get("mask_file", "(paint from scratch)"),
+            }
+        )
+        for s in summary["selected"]
+    ]
+    return dg.MetadataValue.table(rows, dg.TableSchema(cols))
+
+
 @dg.asset(
     group_name="active_learning",
     deps=["uncertainty_scores"],
@@ -79,6 +104,7 @@ def selected_batch(params: ParamsResource, mlflow: MlflowResource) -> dg.Materia
             "model_key": s["model_key"],
             "cold_start": s["cold_start"],
             "items": len(s["selected"]),
+            "selection": selection_table(s),
             "batch": dg.MetadataValue.md(batch_table(s)),
             "how_to": s["how_to"],
         }
