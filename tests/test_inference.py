@@ -91,3 +91,13 @@ def test_evaluate_refuses_other_classes(trained):
     p.classes[0].name = "pores"
     with pytest.raises(ValueError, match="trained for classes"):
         evaluate_checkpoint(p, index, ckpt, progress=False)
+
+
+def test_bf16_only_where_the_cpu_has_it_natively():
+    """Emulated bfloat16 (plain AVX512) trains 2.5x slower than fp32: auto means fp32 there."""
+    from srpu_pipelines.analysis.inference import cpu_has_native_bf16, use_bf16
+
+    assert cpu_has_native_bf16("flags : fpu sse avx512f avx512_bf16 amx_tile")
+    assert cpu_has_native_bf16("flags : fpu avx512f amx_bf16 amx_tile")
+    assert not cpu_has_native_bf16("flags : fpu sse avx512f avx512bw avx512_vnni")
+    assert use_bf16("bf16") and not use_bf16("fp32")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,11 +24,24 @@ def autocast_ctx(enabled: bool):
     return contextlib.nullcontext()
 
 
+def cpu_has_native_bf16(cpuinfo: str) -> bool:
+    """Does a /proc/cpuinfo text list AVX512-BF16 or AMX-BF16?"""
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
+
+
 @functools.cache
 def bf16_supported() -> bool:
-    """True when this CPU runs bfloat16 matmuls natively (AVX512-BF16 / AMX)."""
+    """True when this CPU runs bfloat16 matmuls natively (AVX512-BF16 / AMX).
+
+    oneDNN also "supports" bfloat16 on plain AVX512 by emulation, and torch's own check
+    says yes there; measured on such a Xeon (avx512f/bw/vnni, no avx512_bf16): a training
+    step 2.5x slower than fp32. So the CPU flags decide (Linux; elsewhere: fp32)."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        native = cpu_has_native_bf16(Path("/proc/cpuinfo").read_text(errors="replace"))
+    except OSError:
+        return False
+    try:
+        return native and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 
