@@ -86,15 +86,16 @@ def bench_supervised(
 SSL_ARMS = ("scratch", "mae", "mae_semi")
 
 
-def _subset_index(index: dict[str, Any], labeled_ids: set[str]) -> dict[str, Any]:
+def subset_index(index: dict[str, Any], labeled_ids: set[str]) -> dict[str, Any]:
     """``index`` with only ``labeled_ids`` left labelled in the train split; the other
     train images join the pool as unlabelled images (their masks are never read)."""
+    keys = ("id", "name", "dataset", "image", "image_sha256", "height", "width")
     items, pool = [], list(index.get("pool", []))
     for it in index["items"]:
         if it["split"] != "train" or it["id"] in labeled_ids:
             items.append(it)
         else:
-            pool.append({k: it[k] for k in ("id", "name", "dataset", "image", "image_sha256")})
+            pool.append({k: it[k] for k in keys if k in it})
     return {**index, "items": items, "pool": pool}
 
 
@@ -145,7 +146,7 @@ def bench_ssl(
     for seed in range(seeds):
         order = list(np.random.default_rng(seed).permutation(train_ids))
         for k in ks:
-            sub = _subset_index(index, set(order[:k]))
+            sub = subset_index(index, set(order[:k]))
             for arm in arms:
                 p = params.model_copy(deep=True)
                 p.seed = seed

@@ -26,7 +26,7 @@ from srpu_pipelines.active_learning.scoring import score_pool
 from srpu_pipelines.active_learning.selection import candidates, select
 from srpu_pipelines.active_learning.uncertainty import tile_grid
 from srpu_pipelines.analysis.evaluate import evaluate_checkpoint
-from srpu_pipelines.bench import _spread
+from srpu_pipelines.bench import _spread, subset_index
 from srpu_pipelines.config import Params
 from srpu_pipelines.data.discovery import tile_name
 from srpu_pipelines.data.imageio import read_raw
@@ -80,12 +80,7 @@ def _round_index(
 ) -> dict[str, Any]:
     """Val and test images as they are; labelled tiles as train items, the rest as pool."""
     keep = [it for it in base["items"] if it["split"] != "train"]
-    pool_keys = ("id", "name", "dataset", "image", "image_sha256", "height", "width")
-    return {
-        **base,
-        "items": keep + [t for t in tiles if t["id"] in labeled],
-        "pool": [{k: t[k] for k in pool_keys} for t in tiles if t["id"] not in labeled],
-    }
+    return subset_index({**base, "items": keep + tiles, "pool": []}, labeled)
 
 
 def arm_params(params: Params, arm: str, out_dir: Path) -> Params:

@@ -84,6 +84,21 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def sha256_file_cached(path: str | Path) -> str:
+    """:func:`sha256_file`, remembered per (path, size, mtime): the sensor asks every tick
+    about every labelled mask, and a round asks about the champion checkpoint twice."""
+    st = Path(path).stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        if len(_SHA_CACHE) > 100_000:
+            _SHA_CACHE.clear()
+        _SHA_CACHE[key] = sha256_file(path)
+    return _SHA_CACHE[key]
+
+
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     try:

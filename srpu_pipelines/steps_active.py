@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from srpu_pipelines.config import Params
-from srpu_pipelines.io_utils import sha256_file
+from srpu_pipelines.io_utils import sha256_file_cached
 from srpu_pipelines.resources.tracking import Tracker
 from srpu_pipelines.steps import CHAMPION, final_dir
 
@@ -48,7 +48,7 @@ def scoring_model(params: Params, tracker: Tracker | None) -> tuple[Path | None,
                 "train and promote one first (srpu train, srpu promote)"
             )
         return None, COLD_KEY
-    return ckpt, f"{key}:{sha256_file(ckpt)[:12]}"
+    return ckpt, f"{key}:{sha256_file_cached(ckpt)[:12]}"
 
 
 def run_score(params: Params, tracker: Tracker | None, progress: bool = True) -> dict[str, Any]:

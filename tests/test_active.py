@@ -113,6 +113,15 @@ def test_tile_grid_covers_odd_sizes_without_overlap():
     ]
 
 
+def test_benchmark_arms_are_known_strategies():
+    # AL_ARMS is spelled out so that the CLI lists it without importing torch
+    from srpu_pipelines.active_learning import AL_ARMS
+
+    special = {"random", "coreset", "default"}
+    assert set(AL_ARMS) - special <= set(U.STRATEGIES)
+    assert special <= set(AL_ARMS) and len(set(AL_ARMS)) == len(AL_ARMS)
+
+
 def test_unknown_strategy_and_weights_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match="active.strategies.*valid: entropy"):
         parse_params(tiny_params_dict(tmp_path, **{"active.strategies": ["entropyy"]}))
@@ -237,6 +246,11 @@ def test_scores_are_kept_until_the_model_or_the_image_changes(al_params):
     assert (fourth["computed"], fourth["kept"]) == (n, 0)
     rec = first["images"][0]
     assert set(rec["scores"]) == set(p.active.strategies)
+    # without core-set nothing reads the labelled images' embeddings: only the pool
+    q = p.model_copy(deep=True)
+    q.active.diversity = "none"
+    fifth = score_pool(q, index, ckpt, "m/v3", progress=False)
+    assert (fifth["computed"], fifth["kept"]) == (len(index["pool"]), 0)
 
 
 def test_round_folder_exclusions_and_returning_masks(al_params):

@@ -1,13 +1,13 @@
 """The benchmarks' bookkeeping on tiny data (their figures come from real runs, not tests)."""
 
-from srpu_pipelines.bench import _subset_index, bench_ssl
+from srpu_pipelines.bench import subset_index, bench_ssl
 from srpu_pipelines.data.index import build_index
 
 
 def test_subset_hides_the_other_training_masks(demo_params):
     idx = build_index(demo_params, show_progress=False)
     train = sorted(it["id"] for it in idx["items"] if it["split"] == "train")
-    sub = _subset_index(idx, {train[0]})
+    sub = subset_index(idx, {train[0]})
     assert [it["id"] for it in sub["items"] if it["split"] == "train"] == [train[0]]
     pool_ids = {it["id"] for it in sub["pool"]}
     assert set(train[1:]) <= pool_ids and all("mask" not in it for it in sub["pool"])

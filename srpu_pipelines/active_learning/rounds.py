@@ -31,7 +31,12 @@ from srpu_pipelines.config import Params
 from srpu_pipelines.data.discovery import Pair, Problem, find_labeled
 from srpu_pipelines.data.imageio import read_raw
 from srpu_pipelines.data.masks import MaskCodec
-from srpu_pipelines.io_utils import atomic_write_json, atomic_write_with, read_json
+from srpu_pipelines.io_utils import (
+    atomic_write_json,
+    atomic_write_with,
+    read_json,
+    sha256_file_cached,
+)
 
 log = logging.getLogger(__name__)
 _ROUND = re.compile(r"^round_(\d{3,})$")
@@ -174,23 +179,6 @@ def write_round(
 
 
 # -- what comes back -------------------------------------------------------------------------
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def _sha256_cached(path: Path) -> str:
-    """Content hash, remembered per (path, size, mtime): the sensor asks every tick about
-    every labelled mask, and most never change."""
-    from srpu_pipelines.io_utils import sha256_file
-
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        if len(_SHA_CACHE) > 100_000:
-            _SHA_CACHE.clear()
-        _SHA_CACHE[key] = sha256_file(path)
-    return _SHA_CACHE[key]
-
-
 def new_labels(
     params: Params, index: dict[str, Any]
 ) -> tuple[list[Pair], list[Pair], list[Problem]]:
@@ -198,7 +186,7 @@ def new_labels(
     mask has changed since, each validated like the index does (decodes to classes, same
     size as its image); and the problems (a mask without its image, an image without a
     mask, an invalid mask). Returns (new, changed, problems)."""
-    from srpu_pipelines.data.index import _check_pair
+    from srpu_pipelines.data.index import check_pair
 
     codec = MaskCodec.from_params(params)
     known = {it["id"]: it for it in index["items"]}
@@ -210,9 +198,9 @@ def new_labels(
         problems += pr
         for p in found:
             old = known.get(p.id)
-            if old is not None and old["mask_sha256"] == _sha256_cached(p.mask):
+            if old is not None and old["mask_sha256"] == sha256_file_cached(p.mask):
                 continue
-            _, prob = _check_pair(p, codec)
+            _, prob = check_pair(p, codec)
             if prob:
                 problems.append(prob)
             else:

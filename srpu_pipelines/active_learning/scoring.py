@@ -265,7 +265,8 @@ def score_pool(
 ) -> dict[str, Any]:
     """Score every pool image whose stored record is stale (another model, image content or
     settings) or missing; keep the rest. ``checkpoint`` None scores for a cold start.
-    Labelled images are scored too: their embeddings tell core-set what is covered.
+    With ``active.diversity: coreset``, labelled images are scored too: their embeddings
+    tell core-set what is covered (nothing else reads them).
 
     Writes ``scores/summary.json`` (per image: its scores per strategy and aggregation, the
     model key; the same bytes when nothing changed) and returns it with the counts
@@ -278,7 +279,9 @@ def score_pool(
         in_ch = cfg["in_channels"]
     settings = settings_key(params)
     pool_ids = {it["id"] for it in index.get("pool", [])}
-    todo = index.get("pool", []) + index["items"]
+    todo = list(index.get("pool", []))
+    if params.active.diversity == "coreset":
+        todo += index["items"]
     computed, kept, failed = 0, 0, []
     rows = []
     for item in tqdm(todo, desc="score pool", disable=not progress, unit="img"):

@@ -44,7 +44,9 @@ def _posix(p: Path) -> str:
     return p.as_posix()
 
 
-def _check_pair(pair: Pair, codec: MaskCodec) -> tuple[dict[str, Any] | None, Problem | None]:
+def check_pair(pair: Pair, codec: MaskCodec) -> tuple[dict[str, Any] | None, Problem | None]:
+    """Validate one labelled pair (image readable, mask decodes to the classes, same size,
+    some pixel labelled): its index entry, or the problem with the file it names."""
     try:
         img = read_grey(pair.image)
     except ImageReadError as e:
@@ -209,7 +211,7 @@ def build_index(params: Params, show_progress: bool = True) -> dict[str, Any]:
     labeled_ids = {p.id for p in pairs}
     items: list[dict[str, Any]] = []
     for pair in tqdm(pairs, desc="index: labelled pairs", disable=not show_progress, unit="pair"):
-        entry, prob = _check_pair(pair, codec)
+        entry, prob = check_pair(pair, codec)
         if prob:
             problems.append(prob)
         else:
