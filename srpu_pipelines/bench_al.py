@@ -213,7 +213,12 @@ def bench_al(
                 res, _, m = train_eval(p, labeled, sd / arm / f"r{r}", ckpt, steps)
                 ckpt = res.best_checkpoint
                 curve.append(
-                    {"labeled": len(labeled), "miou": round(m["miou"], 4), "iou": m["iou"]}
+                    {
+                        "labeled": len(labeled),
+                        "miou": round(m["miou"], 4),
+                        "iou": m["iou"],
+                        "picked": sorted(str(i) for i in picks),
+                    }
                 )
                 bar.update()
             runs.append({"seed": seed, "arm": arm, "curve": curve})

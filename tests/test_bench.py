@@ -72,7 +72,10 @@ def test_bench_al_curves_auc_and_plot(demo_params, tmp_path):
         assert 0.0 <= row["auc"]["mean"] <= 1.0
     assert len(res["arms"]["entropy"]["paired_auc_gain_vs_random"]) == 1
     # no arm labels the same tile twice: each round adds one
+    tile_ids = {t["id"] for t in tiles}
     for r in res["runs"]:
         assert [c["labeled"] for c in r["curve"]] == [2, 3, 4]
+        picked = [i for c in r["curve"][1:] for i in c["picked"]]
+        assert len(picked) == len(set(picked)) == 2 and set(picked) <= tile_ids
     plot_curves(res, tmp_path / "al.png")
     assert (tmp_path / "al.png").stat().st_size > 10_000
