@@ -283,21 +283,28 @@ def plot_curves(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    others = iter(f"C{i}" for i in (0, 1, 2, 4, 5, 6, 8, 9) * 2)  # C3 (red) is the default's
     for arm, row in result["arms"].items():
         rs = [r for r in result["runs"] if r["arm"] == arm]
         ys = np.array([[c["miou"] for c in r["curve"]] for r in rs])
         xs = row["labeled"]
-        style = "k--" if arm == "random" else "-"
-        ax.plot(
-            xs, ys.mean(0), style, marker="o", ms=3, label=f"{arm} (AUC {row['auc']['mean']:.3f})"
-        )
-        ax.fill_between(xs, ys.min(0), ys.max(0), alpha=0.12)
-    ax.axhline(0.95 * result["full_label_miou"]["mean"], color="grey", lw=0.8, ls=":")
+        # the two that matter most stand out: random (the bar) and the shipped default
+        style = {"random": dict(color="k", ls="--", lw=2), "default": dict(color="C3", lw=2.5)}
+        kw = style.get(arm) or dict(color=next(others), lw=1, alpha=0.8)
+        label = f"{arm} (AUC {row['auc']['mean']:.3f})"
+        ax.plot(xs, ys.mean(0), marker="o", ms=3, label=label, **kw)
+        if arm in style:
+            ax.fill_between(xs, ys.min(0), ys.max(0), color=kw["color"], alpha=0.12)
+    target = 0.95 * result["full_label_miou"]["mean"]
+    ax.axhline(target, color="grey", lw=0.8, ls=":")
+    ax.annotate("95 % of full-label mIoU", (xs[-1], target), ha="right", va="bottom", fontsize=7)
+    ax.set_xticks(xs)
     ax.set_xlabel(f"labelled tiles ({result['tile_size']} px)")
     ax.set_ylabel("test mIoU")
-    ax.set_title("active learning on nasa-super: mean over seeds (shaded: range)")
-    ax.legend(fontsize=7, ncol=2)
+    n = len({r["seed"] for r in result["runs"]})
+    ax.set_title(f"active learning: mean over {n} seeds (shaded: range, random and default)")
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_with(path, lambda t: fig.savefig(t, format="png"))
