@@ -26,7 +26,7 @@ from srpu_pipelines.active_learning.scoring import score_pool
 from srpu_pipelines.active_learning.selection import candidates, select
 from srpu_pipelines.active_learning.uncertainty import tile_grid
 from srpu_pipelines.analysis.evaluate import evaluate_checkpoint
-from srpu_pipelines.bench import _spread, subset_index
+from srpu_pipelines.bench import _drop_weights, _spread, subset_index
 from srpu_pipelines.config import Params
 from srpu_pipelines.data.discovery import tile_name
 from srpu_pipelines.data.imageio import read_raw
@@ -183,6 +183,7 @@ def bench_al(
         if m0 is None or not ckpt0.is_file():
             res0, _, m0 = train_eval(p0, start, sd / "r0", None, steps)
             ckpt0 = res0.best_checkpoint
+            _drop_weights(ckpt0.parent, keep=ckpt0.name)  # every arm starts from it
             keep(sd / "r0" / "r0.json", seed, {"miou": m0["miou"], "iou": m0["iou"]})
         bar.update()
         for arm in arms:
@@ -211,7 +212,10 @@ def bench_al(
                     picks = [s["id"] for s in chosen]
                 labeled |= set(picks)
                 res, _, m = train_eval(p, labeled, sd / arm / f"r{r}", ckpt, steps)
+                if ckpt != ckpt0:
+                    _drop_weights(ckpt.parent)  # the next round starts from this one
                 ckpt = res.best_checkpoint
+                _drop_weights(ckpt.parent, keep=ckpt.name)
                 curve.append(
                     {
                         "labeled": len(labeled),
@@ -223,6 +227,7 @@ def bench_al(
                 bar.update()
             runs.append({"seed": seed, "arm": arm, "curve": curve})
             keep(sd / arm / "curve.json", seed, {"curve": curve})
+            _drop_weights(ckpt.parent)
         # every tile labelled, as many steps as the whole simulated run trained
         done = cached(sd / "full" / "full.json", seed)
         if done is None:
@@ -231,6 +236,7 @@ def bench_al(
             )
             done = {"miou": mf["miou"]}
             keep(sd / "full" / "full.json", seed, done)
+            _drop_weights(sd / "full")
         full_ref.append(done["miou"])
         bar.update()
     bar.close()

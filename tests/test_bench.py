@@ -1,6 +1,6 @@
 """The benchmarks' bookkeeping on tiny data (their figures come from real runs, not tests)."""
 
-from srpu_pipelines.bench import subset_index, bench_ssl
+from srpu_pipelines.bench import bench_ssl, subset_index
 from srpu_pipelines.data.index import build_index
 
 
@@ -32,6 +32,9 @@ def test_bench_ssl_reports_every_arm_and_k(demo_params, tmp_path):
     assert len(res["runs"]) == 6 and all(r["steps"] == 1 for r in res["runs"])
     assert set(res["paired_gain"]) == {"mae-scratch", "mae_semi-scratch"}
     assert res["mae"]["steps"] == 1
+    # scored runs leave their figures, not their weights (the MAE encoder stays)
+    bench = tmp_path / "bench"
+    assert not [p for p in bench.rglob("*.pt") if (bench / "mae") not in p.parents]
 
 
 def test_bench_al_curves_auc_and_plot(demo_params, tmp_path):
@@ -77,5 +80,8 @@ def test_bench_al_curves_auc_and_plot(demo_params, tmp_path):
         assert [c["labeled"] for c in r["curve"]] == [2, 3, 4]
         picked = [i for c in r["curve"][1:] for i in c["picked"]]
         assert len(picked) == len(set(picked)) == 2 and set(picked) <= tile_ids
+    # only the shared start model is kept: a real run would leave GBs of round weights
+    pts = sorted(p.relative_to(tmp_path / "al").as_posix() for p in (tmp_path / "al").rglob("*.pt"))
+    assert pts == ["seed0/r0/best.pt"]
     plot_curves(res, tmp_path / "al.png")
     assert (tmp_path / "al.png").stat().st_size > 10_000
