@@ -93,3 +93,33 @@ def test_checkpoint_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(m(x), back(x))
     assert cfg2 == cfg and not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+
+def test_shallow_resnet_drops_the_stages_it_never_runs(tmp_path):
+    import segmentation_models_pytorch as smp
+
+    m = create_model("unet", "resnet18", 3, encoder_depth=3, decoder_channels=[16, 8, 8]).eval()
+    assert sum(p.numel() for p in m.parameters()) < 1_000_000  # not resnet18's 11 M
+    # a checkpoint written before the stages were dropped still loads, to the same output
+    old = smp.Unet(
+        "resnet18",
+        encoder_weights=None,
+        in_channels=1,
+        classes=3,
+        encoder_depth=3,
+        decoder_channels=[16, 8, 8],
+    ).eval()
+    assert any(k.startswith("encoder.layer4.") for k in old.state_dict())
+    cfg = {
+        "arch": "unet",
+        "encoder": "resnet18",
+        "in_channels": 1,
+        "encoder_depth": 3,
+        "decoder_channels": [16, 8, 8],
+        "num_classes": 3,
+    }
+    save_checkpoint(tmp_path / "old.pt", old, cfg)
+    back, _ = load_model(tmp_path / "old.pt")
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(old(x), back(x))

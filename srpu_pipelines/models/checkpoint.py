@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from srpu_pipelines.io_utils import atomic_write_json, atomic_write_with, read_json
-from srpu_pipelines.models.factory import create_model
+from srpu_pipelines.models.factory import create_model, unused_stage_keys
 
 NORMALIZATION = "per_image_zscore"
 
@@ -81,8 +81,11 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the network from the JSON config and load its weights; eval mode."""
     payload, config = read_checkpoint(path)
     model = build_from_config(config)
+    state = payload["model"]
+    for k in unused_stage_keys(model, state):
+        state.pop(k)
     try:
-        model.load_state_dict(payload["model"])
+        model.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not fit the config beside it ({e})") from None
     model.eval()

@@ -106,9 +106,33 @@ def create_model(
     elif arch in _DECODER_CHANNELS_ARCHS:
         kw["decoder_channels"] = (256, 128, 64, 32, 16)[:encoder_depth]
     model = ARCHITECTURES[arch](**kw)
+    _drop_unused_stages(model.encoder, encoder_depth)
     if weights is not None:
         load_weights(model, weights)
     return model
+
+
+# smp's ResNet-style encoders build all five stages whatever the depth; these are the
+# stages a shallower encoder never runs (stage 4 = layer3, stage 5 = layer4)
+_UNUSED_STAGES = {3: ("layer3", "layer4"), 4: ("layer4",)}
+
+
+def _drop_unused_stages(encoder: nn.Module, depth: int) -> None:
+    """Replace the stages a shallow smp ResNet encoder skips by identities: resnet18 at
+    depth 3 has 0.7 M parameters, not 11 M, in memory and in every checkpoint."""
+    from segmentation_models_pytorch.encoders.resnet import ResNetEncoder
+
+    if isinstance(encoder, ResNetEncoder):
+        for name in _UNUSED_STAGES.get(depth, ()):
+            setattr(encoder, name, nn.Identity())
+
+
+def unused_stage_keys(model: nn.Module, state: dict[str, Any]) -> list[str]:
+    """Keys of ``state`` that belong to stages ``model`` dropped (a checkpoint written
+    before they were dropped); loading ignores them."""
+    have = model.state_dict().keys()
+    prefixes = tuple(f"encoder.{n}." for names in _UNUSED_STAGES.values() for n in names)
+    return [k for k in state if k not in have and k.startswith(prefixes)]
 
 
 def load_weights(model: nn.Module, path: str | Path, require: str | None = None) -> dict[str, int]:
