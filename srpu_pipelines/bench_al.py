@@ -122,6 +122,11 @@ def bench_al(
     arms: tuple[str, ...] = AL_ARMS,
     progress: bool = True,
 ) -> dict[str, Any]:
+    for name, value in (("seeds", seeds), ("rounds", rounds), ("per_round", per_round)):
+        if value < 1:
+            raise ValueError(f"bench al: --{name.replace('_', '-')} must be >= 1, got {value}")
+    if initial < 1 or steps < 1:
+        raise ValueError(f"bench al: --initial and --steps must be >= 1, got {initial}, {steps}")
     base = build_index(params, show_progress=False)
     tiles = cut_tiles(params, base, work_dir / "tiles")
     n_tiles = len(tiles)
@@ -204,7 +209,9 @@ def bench_al(
                         np.random.default_rng([seed, r]).choice(pool_ids, per_round, replace=False)
                     )
                 else:
-                    key = f"{arm}-r{r}"
+                    # the model in the key: a round retrained after an interruption
+                    # (time budget) may differ, and its old scores must not count
+                    key = f"{arm}-r{r}-{sha256_file(ckpt)[:12]}"
                     p.active.batch_size = per_round
                     score_pool(p, idx, ckpt, key, progress=False)
                     cands, _, centres = candidates(p, idx, key, set())
@@ -227,7 +234,8 @@ def bench_al(
                 bar.update()
             runs.append({"seed": seed, "arm": arm, "curve": curve})
             keep(sd / arm / "curve.json", seed, {"curve": curve})
-            _drop_weights(ckpt.parent)
+            if ckpt != ckpt0:
+                _drop_weights(ckpt.parent)
         # every tile labelled, as many steps as the whole simulated run trained
         done = cached(sd / "full" / "full.json", seed)
         if done is None:

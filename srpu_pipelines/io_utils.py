@@ -84,14 +84,14 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+_SHA_CACHE: dict[tuple[str, int, int, int], str] = {}
 
 
 def sha256_file_cached(path: str | Path) -> str:
-    """:func:`sha256_file`, remembered per (path, size, mtime): the sensor asks every tick
+    """:func:`sha256_file`, remembered per (path, inode, size, mtime): the sensor asks every tick
     about every labelled mask, and a round asks about the champion checkpoint twice."""
     st = Path(path).stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)  # os.replace: a new inode
     if key not in _SHA_CACHE:
         if len(_SHA_CACHE) > 100_000:
             _SHA_CACHE.clear()

@@ -114,7 +114,7 @@ def run_select(params: Params, tracker: Tracker | None) -> dict[str, Any]:
     cands, unscored, centres = candidates(params, index, key, awaiting)
     if unscored:
         raise ValueError(
-            f"{len(unscored)} pool image(s) have no scores from model {key} "
+            f"{len(unscored)} image(s) have no scores from model {key} "
             f"(e.g. {unscored[:3]}): run `srpu score` (or materialize uncertainty_scores) first"
         )
     if not cands:

@@ -253,6 +253,19 @@ def test_scores_are_kept_until_the_model_or_the_image_changes(al_params):
     assert (fifth["computed"], fifth["kept"]) == (len(index["pool"]), 0)
 
 
+def test_coreset_wants_the_labelled_images_scored(al_params):
+    # scored without core-set (labelled images skipped), selected with it: say so, do
+    # not spread picks blind to what is labelled
+    p = al_params
+    _random_champion(p)
+    q = p.model_copy(deep=True)
+    q.active.diversity = "none"
+    run_score(q, None, progress=False)
+    with pytest.raises(ValueError, match=r"image\(s\) have no scores .* run `srpu score`"):
+        run_select(p, None)
+    assert run_select(q, None)["new"]  # without core-set the pool's scores are enough
+
+
 def test_round_folder_exclusions_and_returning_masks(al_params):
     from srpu_pipelines.data.index import load_index
 

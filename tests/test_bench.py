@@ -1,5 +1,7 @@
 """The benchmarks' bookkeeping on tiny data (their figures come from real runs, not tests)."""
 
+import pytest
+
 from srpu_pipelines.bench import bench_ssl, subset_index
 from srpu_pipelines.data.index import build_index
 
@@ -84,4 +86,6 @@ def test_bench_al_curves_auc_and_plot(demo_params, tmp_path):
     pts = sorted(p.relative_to(tmp_path / "al").as_posix() for p in (tmp_path / "al").rglob("*.pt"))
     assert pts == ["seed0/r0/best.pt"]
     plot_curves(res, tmp_path / "al.png")
+    with pytest.raises(ValueError, match="--rounds must be >= 1"):
+        bench_al(demo_params, **{**kw, "rounds": 0})
     assert (tmp_path / "al.png").stat().st_size > 10_000

@@ -55,6 +55,17 @@ def test_resume_refuses_other_settings(demo_params, index):
         train_stage(other, index, progress=False)
 
 
+def test_a_checkpoint_of_an_older_model_layout_starts_over(demo_params, index):
+    # e.g. written before a depth-3 resnet dropped layer3/layer4: cannot resume, no crash
+    train_stage(demo_params, index, progress=False)
+    last = demo_params.train.out_dir / "last.pt"
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    state["model"]["encoder.layer4.0.conv1.weight"] = torch.zeros(1)
+    torch.save(state, last)
+    res = train_stage(demo_params, index, progress=False)
+    assert not res.resumed and res.steps == 4
+
+
 def test_budget_in_seconds_stops_training(demo_params, index):
     res = train_stage(demo_params, index, budget_s=0.01, max_steps=10**6, progress=False)
     assert 1 <= res.steps < 10

@@ -51,9 +51,10 @@ def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> boo
 def candidates(
     params: Params, index: dict[str, Any], model_key: str, excluded: set[str]
 ) -> tuple[list[Candidate], list[str], np.ndarray]:
-    """Selectable units with fresh scores; the pool images that have none (not yet scored
-    by this model, or stale); and the embeddings of what is labelled or awaiting
-    correction (``excluded``), where scored: the centres core-set keeps away from.
+    """Selectable units with fresh scores; the images that have none (not yet scored by
+    this model, or stale; with core-set, labelled ones too); and the embeddings of what
+    is labelled or awaiting correction (``excluded``), where scored: the centres core-set
+    keeps away from.
 
     Never offered: a labelled or awaiting item; a whole image one of whose tiles is
     labelled or awaiting; a tile of a labelled or awaiting image, or one that overlaps a
@@ -76,6 +77,8 @@ def candidates(
         rec = load_record(params, item["id"])
         if is_fresh(rec, item, model_key, settings):
             centres.append(load_embeddings(params, item["id"]).mean(0))
+        elif a.diversity == "coreset":  # scored without core-set: it would not see them
+            unscored.append(item["id"])
     for item in index.get("pool", []):
         rec = load_record(params, item["id"])
         if not is_fresh(rec, item, model_key, settings):

@@ -223,6 +223,9 @@ def pretrain_mae(
     if state is not None and state.get("fingerprint") != fp:
         log.info("%s: settings or images changed; pretraining starts over", last_path)
         state = None
+    if state is not None and set(state["mae"]) != set(mae.state_dict()):
+        log.info("%s: the model's layout changed since; pretraining starts over", last_path)
+        state = None
     if state is not None:
         mae.load_state_dict(state["mae"])
         opt.load_state_dict(state["optimizer"])

@@ -246,6 +246,12 @@ def train_stage(
         log.info("%s: settings or data changed; training starts over", last_path)
         state = None
         (out / "best.json").unlink(missing_ok=True)  # its score belongs to the old run
+    if state is not None and set(state["model"]) != set(model.state_dict()):
+        # written by a version that built this model with other tensors (e.g. before a
+        # shallow encoder dropped the stages it never runs): it cannot resume
+        log.info("%s: the model's layout changed since; training starts over", last_path)
+        state = None
+        (out / "best.json").unlink(missing_ok=True)
     if state is not None:
         if state.get("fingerprint") != fp:
             raise ValueError(
