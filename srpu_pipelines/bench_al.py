@@ -122,11 +122,10 @@ def bench_al(
     arms: tuple[str, ...] = AL_ARMS,
     progress: bool = True,
 ) -> dict[str, Any]:
-    for name, value in (("seeds", seeds), ("rounds", rounds), ("per_round", per_round)):
+    counts = {"seeds": seeds, "rounds": rounds, "per-round": per_round, "initial": initial}
+    for name, value in {**counts, "steps": steps}.items():
         if value < 1:
-            raise ValueError(f"bench al: --{name.replace('_', '-')} must be >= 1, got {value}")
-    if initial < 1 or steps < 1:
-        raise ValueError(f"bench al: --initial and --steps must be >= 1, got {initial}, {steps}")
+            raise ValueError(f"bench al: --{name} must be >= 1, got {value}")
     base = build_index(params, show_progress=False)
     tiles = cut_tiles(params, base, work_dir / "tiles")
     n_tiles = len(tiles)
@@ -299,12 +298,12 @@ def plot_curves(result: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
     others = iter(f"C{i}" for i in (0, 1, 2, 4, 5, 6, 8, 9) * 2)  # C3 (red) is the default's
+    # the two that matter most stand out: random (the bar) and the shipped default
+    style = {"random": dict(color="k", ls="--", lw=2), "default": dict(color="C3", lw=2.5)}
     for arm, row in result["arms"].items():
         rs = [r for r in result["runs"] if r["arm"] == arm]
         ys = np.array([[c["miou"] for c in r["curve"]] for r in rs])
         xs = row["labeled"]
-        # the two that matter most stand out: random (the bar) and the shipped default
-        style = {"random": dict(color="k", ls="--", lw=2), "default": dict(color="C3", lw=2.5)}
         kw = style.get(arm) or dict(color=next(others), lw=1, alpha=0.8)
         label = f"{arm} (AUC {row['auc']['mean']:.3f})"
         ax.plot(xs, ys.mean(0), marker="o", ms=3, label=label, **kw)

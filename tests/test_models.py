@@ -77,16 +77,24 @@ def test_local_weights_whole_model_and_encoder_only(tmp_path):
         load_weights(c, tmp_path / "junk.pt")
 
 
+# the JSON config of a small depth-3 U-Net, as save_checkpoint writes it beside the .pt
+SMALL_CFG = {
+    "arch": "unet",
+    "encoder": "resnet18",
+    "in_channels": 1,
+    "encoder_depth": 3,
+    "decoder_channels": [16, 8, 8],
+    "num_classes": 3,
+}
+
+
+def _small_unet() -> torch.nn.Module:
+    return create_model("unet", "resnet18", 3, encoder_depth=3, decoder_channels=[16, 8, 8]).eval()
+
+
 def test_checkpoint_round_trip(tmp_path):
-    cfg = {
-        "arch": "unet",
-        "encoder": "resnet18",
-        "in_channels": 1,
-        "encoder_depth": 3,
-        "decoder_channels": [16, 8, 8],
-        "num_classes": 3,
-    }
-    m = create_model("unet", "resnet18", 3, encoder_depth=3, decoder_channels=[16, 8, 8]).eval()
+    cfg = dict(SMALL_CFG)
+    m = _small_unet()
     save_checkpoint(tmp_path / "best.pt", m, cfg)
     back, cfg2 = load_model(tmp_path / "best.pt")
     x = torch.randn(1, 1, 32, 32)
@@ -98,7 +106,7 @@ def test_checkpoint_round_trip(tmp_path):
 def test_shallow_resnet_drops_the_stages_it_never_runs(tmp_path):
     import segmentation_models_pytorch as smp
 
-    m = create_model("unet", "resnet18", 3, encoder_depth=3, decoder_channels=[16, 8, 8]).eval()
+    m = _small_unet()
     assert sum(p.numel() for p in m.parameters()) < 1_000_000  # not resnet18's 11 M
     # a checkpoint written before the stages were dropped still loads, to the same output
     old = smp.Unet(
@@ -110,14 +118,7 @@ def test_shallow_resnet_drops_the_stages_it_never_runs(tmp_path):
         decoder_channels=[16, 8, 8],
     ).eval()
     assert any(k.startswith("encoder.layer4.") for k in old.state_dict())
-    cfg = {
-        "arch": "unet",
-        "encoder": "resnet18",
-        "in_channels": 1,
-        "encoder_depth": 3,
-        "decoder_channels": [16, 8, 8],
-        "num_classes": 3,
-    }
+    cfg = dict(SMALL_CFG)
     save_checkpoint(tmp_path / "old.pt", old, cfg)
     back, _ = load_model(tmp_path / "old.pt")
     x = torch.randn(1, 1, 32, 32)
