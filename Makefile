@@ -57,7 +57,7 @@ test: setup browser
 demo: setup
 	$(SRPU) demo-data
 	@status=0; $(VENV)/bin/dagster asset materialize --select '*' -m srpu_pipelines.definitions \
-	  || status=$$?; $(PY) -m srpu_pipelines.report; if [ $$status -ne 0 ]; then \
+	  || status=$$?; $(PY) -m srpu_pipelines.pipeline.report; if [ $$status -ne 0 ]; then \
 	  echo "dagster run failed (a failed blocking check keeps the champion): see make ui"; fi; \
 	  exit $$status
 

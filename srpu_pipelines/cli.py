@@ -42,16 +42,64 @@ def cmd_demo_data(params: Params, args: argparse.Namespace) -> int:
 
 
 def _tracker(params: Params):
-    """The MLflow tracker of ``params.tracking``, or None where tracking is off."""
-    if not params.tracking.enabled:
+    """The MLflow tracker of ``params.tracking``, or None where tracking is off (and in a
+    data-parallel worker other than rank 0: only rank 0 tracks)."""
+    from srpu_pipelines.compute.distributed import is_main_process
+
+    if not params.tracking.enabled or not is_main_process():
         return None
     from srpu_pipelines.resources.tracking import MlflowTracker
 
     return MlflowTracker(params.tracking)
 
 
+def _stage_indices(params: Params, stage: str | None) -> list[int]:
+    if stage is None:
+        return list(range(len(params.stages)))
+    params.stage(stage)  # an unknown name lists the stages
+    return [i for i, st in enumerate(params.stages) if st.name == stage]
+
+
+def train_aliases(args: argparse.Namespace, params: Params) -> list[str]:
+    """``srpu train`` flags as the ``--set`` overrides they stand for. A stage's own
+    ``train:`` keys win over ``--set train.KEY``, so budgets go to the stages."""
+    out = []
+    if args.out:
+        out.append(f"train.out_dir={args.out}")
+    if args.init:
+        if not args.stage and len(params.stages) > 1:
+            raise ParamsError("--init applies to one stage: give --stage NAME as well")
+        out += [f"stages.{i}.init=file:{args.init}" for i in _stage_indices(params, args.stage)]
+    for flag, key in ((args.budget_s, "budget_s"), (args.steps, "max_steps")):
+        if flag is not None:
+            out += [f"stages.{i}.train.{key}={flag}" for i in _stage_indices(params, args.stage)]
+    return out
+
+
+def pretrain_aliases(args: argparse.Namespace, params: Params) -> list[str]:
+    out = []
+    if args.budget_s is not None:
+        out.append(f"pretrain.budget_s={args.budget_s}")
+    if args.steps is not None:
+        out.append(f"pretrain.max_steps={args.steps}")
+    return out
+
+
+def section_aliases(section: str, flags: dict[str, str]):
+    """Flags that stand for keys of one params section: ``{flag attribute: key}``."""
+
+    def aliases(args: argparse.Namespace, params: Params) -> list[str]:
+        return [
+            f"{section}.{key}={getattr(args, attr)}"
+            for attr, key in flags.items()
+            if getattr(args, attr, None) is not None
+        ]
+
+    return aliases
+
+
 def cmd_index(params: Params, args: argparse.Namespace) -> int:
-    from srpu_pipelines.steps import run_index
+    from srpu_pipelines.pipeline.steps import run_index
 
     res = run_index(params, progress=not args.quiet)
     idx = res["index"]
@@ -68,31 +116,34 @@ def cmd_index(params: Params, args: argparse.Namespace) -> int:
 
 
 def cmd_train(params: Params, args: argparse.Namespace) -> int:
-    from srpu_pipelines.steps import run_train
+    from srpu_pipelines.compute.distributed import from_env
+    from srpu_pipelines.pipeline.steps import run_train
 
-    if args.out:
-        params.train.out_dir = Path(args.out)
-    kw = {"init_weights": args.init} if args.init else {}
-    if args.init and not args.stage and len(params.stages) > 1:
-        raise ParamsError("--init applies to one stage: give --stage NAME as well")
-    out = run_train(
-        params,
-        _tracker(params),
-        progress=not args.quiet,
-        stage=args.stage,
-        budget_s=args.budget_s,
-        max_steps=args.steps,
-        **kw,
-    )
+    if args.nproc > 1 and not from_env().active:
+        from srpu_pipelines.pipeline.launch import launch_train
+
+        return launch_train(
+            params,
+            args.params,
+            args.set + args.alias_overrides,
+            _tracker(params),
+            args.nproc,
+            stage=args.stage,
+            quiet=args.quiet,
+        )
+    out = run_train(params, _tracker(params), progress=not args.quiet, stage=args.stage)
+    if not from_env().is_main:
+        return 0
     res = out["result"]
     val = (
         f"best val mIoU {res.best_miou:.4f} at epoch {res.best_epoch}"
         if math.isfinite(res.best_miou)
         else "no validation images (best = lowest loss)"
     )
+    procs = f" in {from_env().world} processes" if from_env().active else ""
     print(
         f"stage {out['stage']}: {'trained' if res.trained else 'up to date,'} "
-        f"{res.steps} steps in {res.train_seconds:.0f}s "
+        f"{res.steps} steps in {res.train_seconds:.0f}s{procs} "
         f"({'resumed, ' if res.resumed else ''}{res.epochs} epochs); {val}; "
         f"checkpoint {res.best_checkpoint}"
     )
@@ -105,15 +156,9 @@ def cmd_train(params: Params, args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(params: Params, args: argparse.Namespace) -> int:
-    from srpu_pipelines.steps import run_pretrain
+    from srpu_pipelines.pipeline.steps import run_pretrain
 
-    out = run_pretrain(
-        params,
-        _tracker(params),
-        progress=not args.quiet,
-        budget_s=args.budget_s,
-        max_steps=args.steps,
-    )
+    out = run_pretrain(params, _tracker(params), progress=not args.quiet)
     res = out["result"]
     loss = f"final loss {res.history[-1]['loss']:.4f}" if res.history else "no epoch"
     print(
@@ -128,10 +173,10 @@ def cmd_pretrain(params: Params, args: argparse.Namespace) -> int:
 
 
 def cmd_stages(params: Params, args: argparse.Namespace) -> int:
-    from srpu_pipelines.steps import stage_params
+    from srpu_pipelines.pipeline.steps import stage_params
 
     if args.write_dvc or args.check_dvc:
-        from srpu_pipelines.dvc_stages import sync_dvc_yaml
+        from srpu_pipelines.pipeline.dvc_stages import sync_dvc_yaml
 
         changed = sync_dvc_yaml(params, Path(args.dvc_file), write=args.write_dvc)
         if args.check_dvc and changed:
@@ -143,7 +188,7 @@ def cmd_stages(params: Params, args: argparse.Namespace) -> int:
         return 0
     for i, st in enumerate(params.stages):
         tp = stage_params(params, st.name).train
-        budget = f"{tp.budget_s:.0f}s" if tp.budget_s else f"{tp.epochs}x{tp.steps_per_epoch} steps"
+        budget = f"{tp.total_steps} steps" + (f" or {tp.budget_s:.0f}s" if tp.budget_s else "")
         print(
             f"{i + 1}. {st.name}: from {st.init}, encoder {tp.encoder}, lr {tp.lr:g}, {budget}, "
             f"splits {tp.splits}{', semi-supervised' if tp.semi.enabled else ''} -> {tp.out_dir}"
@@ -152,12 +197,8 @@ def cmd_stages(params: Params, args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(params: Params, args: argparse.Namespace) -> int:
-    from srpu_pipelines.steps import run_evaluate
+    from srpu_pipelines.pipeline.steps import run_evaluate
 
-    if args.split:
-        params.evaluate.split = args.split
-    if args.out:
-        params.evaluate.out_dir = Path(args.out)
     m = run_evaluate(params, _tracker(params), checkpoint=args.checkpoint, progress=not args.quiet)
     print(_table(m, f"split {m['split']} ({m['images']} images), {m['checkpoint']}"))
     for ds, sc in m["per_dataset"].items():
@@ -167,7 +208,7 @@ def cmd_evaluate(params: Params, args: argparse.Namespace) -> int:
 
 
 def cmd_promote(params: Params, args: argparse.Namespace) -> int:
-    from srpu_pipelines.steps import run_promote
+    from srpu_pipelines.pipeline.steps import run_promote
 
     tracker = _tracker(params)
     if tracker is None:
@@ -194,16 +235,16 @@ def cmd_promote(params: Params, args: argparse.Namespace) -> int:
 
 def cmd_predict(params: Params, args: argparse.Namespace) -> int:
     from srpu_pipelines.analysis.evaluate import predict_folder
-    from srpu_pipelines.steps import prediction_checkpoint
+    from srpu_pipelines.pipeline.steps import prediction_checkpoint
 
     ckpt = (
         Path(args.checkpoint)
         if args.checkpoint
         else prediction_checkpoint(params, _tracker(params))
     )
-    res = predict_folder(params, ckpt, args.input, args.out, progress=not args.quiet)
+    res = predict_folder(params, ckpt, progress=not args.quiet)
     print(
-        f"{len(res['predicted'])} images segmented into {args.out or params.predict.out_dir} "
+        f"{len(res['predicted'])} images segmented into {params.predict.out_dir} "
         f"with {ckpt}, {len(res['skipped'])} skipped"
     )
     for s in res["skipped"]:
@@ -212,7 +253,7 @@ def cmd_predict(params: Params, args: argparse.Namespace) -> int:
 
 
 def cmd_score(params: Params, args: argparse.Namespace) -> int:
-    from srpu_pipelines.steps_active import run_score
+    from srpu_pipelines.pipeline.active import run_score
 
     res = run_score(params, _tracker(params), progress=not args.quiet)
     print(
@@ -225,7 +266,7 @@ def cmd_score(params: Params, args: argparse.Namespace) -> int:
 
 
 def cmd_select(params: Params, args: argparse.Namespace) -> int:
-    from srpu_pipelines.steps_active import run_select
+    from srpu_pipelines.pipeline.active import run_select
 
     res = run_select(params, _tracker(params))
     s = res["summary"]
@@ -256,10 +297,11 @@ def cmd_labels(params: Params, args: argparse.Namespace) -> int:
 
 
 def cmd_bench(params: Params, args: argparse.Namespace) -> int:
-    from srpu_pipelines.bench import bench_ssl, bench_supervised
+    from srpu_pipelines.bench.ssl import bench_ssl
+    from srpu_pipelines.bench.supervised import bench_supervised
 
     if args.bench == "al":
-        from srpu_pipelines.bench_al import bench_al, plot_curves
+        from srpu_pipelines.bench.al import bench_al, plot_curves
 
         res = bench_al(
             params,
@@ -276,6 +318,21 @@ def cmd_bench(params: Params, args: argparse.Namespace) -> int:
         if args.plot:
             plot_curves(res, Path(args.plot))
             res["plot"] = args.plot
+        print(json.dumps(res, indent=2))
+        return 0
+    if args.bench == "speed":
+        from srpu_pipelines.bench.speed import bench_speed
+
+        res = bench_speed(
+            params,
+            seeds=args.seeds,
+            steps=args.steps,
+            budget_s=args.budget_s,
+            work_dir=Path(args.work_dir),
+            arms=tuple(args.arms),
+            peer_script=Path(args.peer),
+            progress=not args.quiet,
+        )
         print(json.dumps(res, indent=2))
         return 0
     if args.bench == "ssl":
@@ -329,17 +386,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "pretrain", help="MAE-pretrain the encoder on unlabelled images (pretrain.*)"
     )
-    p.add_argument("--budget-s", type=float, help="wall-clock budget (default pretrain.budget_s)")
-    p.add_argument("--steps", type=int, help="step budget (default epochs x steps_per_epoch)")
-    p.set_defaults(func=cmd_pretrain)
+    p.add_argument("--budget-s", type=float, help="= --set pretrain.budget_s=S")
+    p.add_argument("--steps", type=int, help="= --set pretrain.max_steps=K")
+    p.set_defaults(func=cmd_pretrain, aliases=pretrain_aliases)
 
-    p = sub.add_parser("train", help="train the stages in order, or one (stages, train.*)")
+    p = sub.add_parser(
+        "train",
+        help="train the stages in order, or one (stages, train.*)",
+        description="Train the stages of params.yaml in order, or one. A stage's own "
+        "`train:` keys win over --set train.KEY=...; to change one stage, --set "
+        "stages.N.train.KEY=... (N from 0, as `srpu stages` lists them). The flags below "
+        "are such overrides.",
+    )
     p.add_argument("--stage", help="train only this stage (default: every stage in order)")
-    p.add_argument("--out", help="root output folder (default train.out_dir)")
-    p.add_argument("--init", help="start from this local state_dict instead (with --stage)")
-    p.add_argument("--budget-s", type=float, help="wall-clock budget (default train.budget_s)")
-    p.add_argument("--steps", type=int, help="step budget (default epochs x steps_per_epoch)")
-    p.set_defaults(func=cmd_train)
+    p.add_argument("--out", help="= --set train.out_dir=DIR (root of the stage folders)")
+    p.add_argument("--init", help="= --set stages.N.init=file:PATH (with --stage)")
+    p.add_argument("--budget-s", type=float, help="= --set stages.N.train.budget_s=S")
+    p.add_argument("--steps", type=int, help="= --set stages.N.train.max_steps=K")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel processes on this machine (torchrun; gloo on CPUs, NCCL on "
+        "GPUs); train.batch_size is the global batch",
+    )
+    p.set_defaults(func=cmd_train, aliases=train_aliases)
 
     for name, helptext, fn in (
         ("evaluate", "per-class IoU/Dice on a split, with overlay pictures", cmd_evaluate),
@@ -351,12 +422,14 @@ def build_parser() -> argparse.ArgumentParser:
             help="model .pt (default: evaluate: the final stage folder/"
             "<evaluate.checkpoint>.pt; predict: as predict.source says)",
         )
-        p.add_argument("--out", help=f"output folder (default {name}.out_dir)")
+        p.add_argument("--out", help=f"= --set {name}.out_dir=DIR")
         if name == "evaluate":
-            p.add_argument("--split", help="split to score (default evaluate.split)")
+            p.add_argument("--split", help="= --set evaluate.split=NAME")
+            flags = {"out": "out_dir", "split": "split"}
         else:
-            p.add_argument("--input", help="folder of images (default predict.input_dir)")
-        p.set_defaults(func=fn)
+            p.add_argument("--input", help="= --set predict.input_dir=DIR")
+            flags = {"out": "out_dir", "input": "input_dir"}
+        p.set_defaults(func=fn, aliases=section_aliases(name, flags))
 
     p = sub.add_parser("stages", help="list the training stages; keep dvc.yaml in step")
     p.add_argument("--write-dvc", action="store_true", help="rewrite dvc.yaml's stage entries")
@@ -403,6 +476,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
     b.add_argument("--work-dir", default="outputs/bench/ssl", help="where runs are written")
     b.set_defaults(func=cmd_bench)
+    b = bsub.add_parser(
+        "speed",
+        help="training throughput: model FLOPs/s and %% of the CPU's fp32 peak (or the GPU's "
+        "bf16 peak), default and lighter model, beside the peer loop",
+    )
+    b.add_argument("--steps", type=int, default=120, help="step budget per run (default 120)")
+    b.add_argument("--budget-s", type=float, help="also a wall-clock cap per run")
+    b.add_argument("--seeds", type=int, default=3, help="runs per arm, interleaved (0..N-1)")
+    b.add_argument(
+        "--arms",
+        nargs="+",
+        default=["default", "light", "peer"],
+        choices=["default", "light", "peer"],
+    )
+    b.add_argument("--peer", default="../shared/bench/peer_baseline.py", help="the peer loop")
+    b.add_argument("--work-dir", default="outputs/bench/speed", help="where runs are written")
+    b.set_defaults(func=cmd_bench)
     from srpu_pipelines.active_learning import AL_ARMS
 
     b = bsub.add_parser(
@@ -435,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         params = load_params(args.params, args.set)
+        args.alias_overrides = args.aliases(args, params) if hasattr(args, "aliases") else []
+        if args.alias_overrides:  # flags are --set overrides, applied after --set
+            params = load_params(args.params, args.set + args.alias_overrides)
         return args.func(params, args)
     except (
         ParamsError,

@@ -15,6 +15,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 IGNORE_INDEX = 255  # class-index value for pixels that are not labelled (info bars, unpainted)
+# names of the per-pixel uncertainty maps and their boundary-restricted variants; the maps
+# themselves are registered in active_learning/uncertainty.py (a test checks both agree)
+PIXEL_UNCERTAINTIES = ("entropy", "least_confidence", "margin", "variance")
+UNCERTAINTY_STRATEGIES = PIXEL_UNCERTAINTIES + tuple(f"boundary_{k}" for k in PIXEL_UNCERTAINTIES)
 
 
 class ParamsError(ValueError):
@@ -167,17 +171,72 @@ class SemiParams(_Strict):
     )
 
 
-class TrainParams(_Strict):
+PrecisionName = Literal["auto", "bf16", "fp16", "fp32"]
+Switch = Literal["auto", "on", "off"]
+_PRECISION_HELP = (
+    "auto: bfloat16 autocast where the hardware runs it natively (CUDA compute capability "
+    ">= 8, a CPU with AVX512-BF16/AMX), float16 with a gradient scaler on older GPUs, else "
+    "float32 | bf16 | fp16 (CUDA only) | fp32"
+)
+_DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
+_DEVICE_HELP = "auto (the first CUDA device when there is one, else the CPU) | cpu | cuda | cuda:N"
+
+
+class LoopParams(_Strict):
+    """What every training run of the one loop takes (supervised stages and MAE): its
+    budget, optimiser schedule, checkpoints and where it runs."""
+
     out_dir: Path = Path("outputs/train")
     epochs: int = Field(default=20, ge=1)
     steps_per_epoch: int = Field(default=50, ge=1)
+    max_steps: int | None = Field(
+        default=None, ge=1, description="step budget (null = epochs x steps_per_epoch)"
+    )
     budget_s: float | None = Field(default=None, gt=0, description="wall-clock cap on training")
-    batch_size: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=8, ge=1, description="global batch (over all processes)")
     tile_size: int = Field(default=256, ge=32, multiple_of=32)
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
     warmup_steps: int = Field(default=20, ge=0)
     min_lr_ratio: float = Field(default=0.02, ge=0, le=1)
+    resume: bool = True
+    precision: PrecisionName = Field(default="auto", description=_PRECISION_HELP)
+    device: str = Field(default="auto", pattern=_DEVICE_PATTERN, description=_DEVICE_HELP)
+    channels_last: Switch = Field(
+        default="auto", description="NHWC memory layout (auto: on; faster convolutions)"
+    )
+    compile: Switch = Field(
+        default="auto",
+        description="torch.compile the model (auto: on CUDA only; on a CPU the compile "
+        "takes about a minute and paid back less than that, see the README)",
+    )
+    workers: int | Literal["auto"] = Field(
+        default="auto",
+        description="DataLoader worker processes (auto: 0 on a CPU with under 8 cores, "
+        "where a worker takes a core from the model, else up to 4)",
+    )
+    threads: int = Field(default=0, ge=0, description="torch threads; 0 = all cores")
+    checkpoint_every_s: float = Field(
+        default=30,
+        ge=0,
+        description="write last.pt (and a new best.pt) after an epoch once this many seconds "
+        "have passed since the last write (0: after every epoch); the end of a run is always "
+        "written. An interrupted run resumes from the last write.",
+    )
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be >= 0 or auto")
+        return v
+
+    @property
+    def total_steps(self) -> int:
+        return self.max_steps or self.epochs * self.steps_per_epoch
+
+
+class TrainParams(LoopParams):
     rare_crop_prob: float = Field(
         default=0.5, ge=0, le=1, description="share of crops centred on a rare-class pixel"
     )
@@ -185,11 +244,14 @@ class TrainParams(_Strict):
     augment: AugmentParams = AugmentParams()
     splits: list[str] = Field(default_factory=lambda: ["train"], min_length=1)
     val_split: str = "val"
-    resume: bool = True
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        default="auto", description="auto: bfloat16 autocast where the CPU supports it natively"
+    val_every: int = Field(default=1, ge=1, description="validate every N epochs (and the last)")
+    val_time_share: float = Field(
+        default=0.25,
+        gt=0,
+        le=1,
+        description="skip an epoch's validation while validation has taken more than this "
+        "share of the elapsed time (the last epoch always validates)",
     )
-    threads: int = Field(default=0, ge=0, description="torch threads; 0 = all cores")
     datasets: list[str] | None = Field(
         default=None, description="sub-datasets to train on (null = all of data.datasets)"
     )
@@ -202,7 +264,7 @@ class TrainParams(_Strict):
     semi: SemiParams = SemiParams()
 
 
-class PretrainParams(_Strict):
+class PretrainParams(LoopParams):
     """Masked-image-modelling pretraining (MAE) of the segmentation model's encoder.
 
     ``method: auto`` picks ``vit`` (true MAE: masked patches dropped) for ViT encoders and
@@ -220,13 +282,10 @@ class PretrainParams(_Strict):
     )
     epochs: int = Field(default=10, ge=1)
     steps_per_epoch: int = Field(default=20, ge=1)
-    budget_s: float | None = Field(default=None, gt=0)
-    batch_size: int = Field(default=8, ge=1)
     tile_size: int = Field(default=128, ge=32, multiple_of=32)
     lr: float = Field(default=1.5e-3, gt=0)
     weight_decay: float = Field(default=0.05, ge=0)
     warmup_steps: int = Field(default=10, ge=0)
-    min_lr_ratio: float = Field(default=0.02, ge=0, le=1)
     decoder_dim: int = Field(default=128, ge=8)
     decoder_depth: int = Field(default=2, ge=1, le=8)
     norm_pix_loss: bool = Field(default=True, description="targets normalised per patch")
@@ -236,8 +295,6 @@ class PretrainParams(_Strict):
     )
     use_pool: bool = Field(default=True, description="train on the unlabelled pool images")
     reconstructions: int = Field(default=4, ge=0, description="pictures written at the end")
-    resume: bool = True
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
 
     @model_validator(mode="after")
     def _tiles(self) -> PretrainParams:
@@ -279,10 +336,14 @@ class StageSpec(_Strict):
 
 
 class InferenceParams(_Strict):
+    """Sliding-window inference (validation, evaluation, prediction, pool scoring)."""
+
     tile_size: int = Field(default=256, ge=32)
     overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
-    batch_size: int = Field(default=8, ge=1)
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    batch_size: int = Field(default=8, ge=1, description="windows per forward pass")
+    precision: PrecisionName = Field(default="auto", description=_PRECISION_HELP)
+    device: str = Field(default="auto", pattern=_DEVICE_PATTERN, description=_DEVICE_HELP)
+    channels_last: Switch = "auto"
 
     @field_validator("tile_size")
     @classmethod
@@ -408,10 +469,10 @@ class ActiveParams(_Strict):
     @field_validator("strategies")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        from srpu_pipelines.active_learning.uncertainty import check_strategy
-
+        valid = ", ".join(UNCERTAINTY_STRATEGIES)
         for s in v:
-            check_strategy(s)
+            if s not in UNCERTAINTY_STRATEGIES:
+                raise ValueError(f"unknown uncertainty strategy {s!r}; valid: {valid}")
         if len(set(v)) != len(v):
             raise ValueError(f"strategies repeated: {v}")
         return v
@@ -522,6 +583,57 @@ class Params(_Strict):
     def resolved(self) -> dict[str, Any]:
         """The parameters as plain JSON-able data (for logging with a run)."""
         return json.loads(self.model_dump_json())
+
+
+class _Classes(_Strict):
+    classes: list[ClassSpec]
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+class StageSetup(_Classes):
+    """The sections of params one supervised training stage reads: the core's training
+    code gets this, never the whole tree (``train`` is the stage's merged section)."""
+
+    seed: int
+    mask: MaskParams
+    model: ModelParams
+    train: TrainParams
+    inference: InferenceParams
+
+
+class PretrainSetup(_Classes):
+    """The sections of params MAE pretraining reads."""
+
+    seed: int
+    model: ModelParams
+    pretrain: PretrainParams
+
+
+def stage_setup(params: Params, name: str | None = None) -> StageSetup:
+    """The sections training stage ``name`` reads (None: the top-level ``train`` section
+    as it is, as the benchmarks use it)."""
+    tp = params.train if name is None else stage_train(params, params.stage(name))
+    return StageSetup(
+        seed=params.seed,
+        classes=params.classes,
+        mask=params.mask,
+        model=params.model,
+        train=tp,
+        inference=params.inference,
+    )
+
+
+def pretrain_setup(params: Params) -> PretrainSetup:
+    return PretrainSetup(
+        seed=params.seed, classes=params.classes, model=params.model, pretrain=params.pretrain
+    )
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from srpu_pipelines.assets.predictions import predictions
 from srpu_pipelines.assets.pretraining import mae_encoder
 from srpu_pipelines.assets.training import stage_assets
 from srpu_pipelines.config import Params, load_params
+from srpu_pipelines.pipeline.steps import stage_asset_name, uses_mae
 from srpu_pipelines.resources.dagster_resources import (
     DvcResource,
     MlflowResource,
@@ -38,7 +39,6 @@ from srpu_pipelines.resources.dagster_resources import (
     params_path,
 )
 from srpu_pipelines.sensors.new_masks import new_masks_sensor, round_job
-from srpu_pipelines.steps import stage_asset_name, uses_mae
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 

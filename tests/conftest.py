@@ -61,6 +61,9 @@ def tiny_params_dict(tmp: Path, **overrides: Any) -> dict[str, Any]:
             "tile_size": 64,
             "warmup_steps": 1,
             "threads": 2,
+            # eager and in process everywhere (one marked test each tries the others)
+            "compile": "off",
+            "workers": 0,
         },
         "pretrain": {
             "out_dir": str(tmp / "out/mae"),
@@ -73,6 +76,8 @@ def tiny_params_dict(tmp: Path, **overrides: Any) -> dict[str, Any]:
             "decoder_depth": 1,
             "warmup_steps": 1,
             "reconstructions": 1,
+            "compile": "off",
+            "workers": 0,
         },
         "inference": {"tile_size": 64, "batch_size": 4},
         "active": {

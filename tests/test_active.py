@@ -27,8 +27,8 @@ from srpu_pipelines.data.discovery import tile_name
 from srpu_pipelines.data.masks import MaskCodec
 from srpu_pipelines.models.checkpoint import model_config, save_checkpoint
 from srpu_pipelines.models.factory import model_from_params
-from srpu_pipelines.steps import final_dir, run_index
-from srpu_pipelines.steps_active import run_score, run_select
+from srpu_pipelines.pipeline.active import run_score, run_select
+from srpu_pipelines.pipeline.steps import final_dir, run_index
 from tests.conftest import color_mask, save, tiny_params_dict
 
 

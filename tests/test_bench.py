@@ -2,7 +2,8 @@
 
 import pytest
 
-from srpu_pipelines.bench import bench_ssl, subset_index
+from srpu_pipelines.bench.common import subset_index
+from srpu_pipelines.bench.ssl import bench_ssl
 from srpu_pipelines.data.index import build_index
 
 
@@ -40,7 +41,7 @@ def test_bench_ssl_reports_every_arm_and_k(demo_params, tmp_path):
 
 
 def test_bench_al_curves_auc_and_plot(demo_params, tmp_path):
-    from srpu_pipelines.bench_al import bench_al, cut_tiles, plot_curves
+    from srpu_pipelines.bench.al import bench_al, cut_tiles, plot_curves
     from srpu_pipelines.data.masks import MaskCodec
 
     idx = build_index(demo_params, show_progress=False)

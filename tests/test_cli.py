@@ -1,5 +1,6 @@
 """The srpu command line: help for every command, the demo pipeline, clear errors."""
 
+import os
 import subprocess
 import sys
 
@@ -23,6 +24,8 @@ COMMANDS = [
     "bench",
     "bench supervised",
     "bench ssl",
+    "bench al",
+    "bench speed",
 ]
 
 
@@ -76,3 +79,37 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     assert main(["--params", str(pf), "--set", "model.encoder=resnet19", "index"]) == 0
     assert main(["--params", str(pf), "--set", "model.encoder=resnet19", "train"]) == 2
     assert "unknown encoder 'resnet19'" in capsys.readouterr().err
+
+
+def test_train_flags_are_set_overrides_of_the_stage(tmp_path, capsys):
+    pf = tmp_path / "params.yaml"
+    d = tiny_params_dict(tmp_path)
+    d["stages"] = [{"name": "one", "train": {"epochs": 1}}, {"name": "two", "init": "previous"}]
+    pf.write_text(yaml.safe_dump(d))
+    base = ["-q", "--params", str(pf)]
+    assert main([*base, "demo-data"]) == 0 and main([*base, "index"]) == 0
+    # the stage's own epochs: 1 would win over --set train.epochs; --steps goes to the stage
+    assert main([*base, "train", "--stage", "one", "--steps", "3"]) == 0
+    assert "3 steps" in capsys.readouterr().out
+    assert main([*base, "--set", "stages.0.train.max_steps=5", "train", "--stage", "one"]) == 0
+    out = capsys.readouterr().out
+    assert "5 steps" in out and "resumed" in out
+
+
+def test_train_in_two_data_parallel_processes(tmp_path):
+    """`srpu train --nproc 2`: torchrun, gloo on 127.0.0.1, rank 0 alone writes."""
+    pf = tmp_path / "params.yaml"
+    d = tiny_params_dict(tmp_path)
+    d["train"]["threads"] = 1
+    pf.write_text(yaml.safe_dump(d))
+    base = [sys.executable, "-m", "srpu_pipelines.cli", "-q", "--params", str(pf)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for cmd in (["demo-data"], ["index"]):
+        subprocess.run([*base, *cmd], cwd=ROOT, check=True, env=env, capture_output=True)
+    out = subprocess.run(
+        [*base, "train", "--nproc", "2"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "in 2 processes" in out.stdout and out.stdout.count("stage train:") == 1
+    run = tmp_path / "out/train/train"
+    assert (run / "best.pt").is_file() and (run / "train_metrics.json").is_file()

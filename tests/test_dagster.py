@@ -6,10 +6,10 @@ import yaml
 
 from srpu_pipelines.config import parse_params
 from srpu_pipelines.definitions import CHECKS, PARAMS, defs, pipeline_assets
+from srpu_pipelines.pipeline.steps import CHAMPION, run_index
 from srpu_pipelines.resources.dagster_resources import DvcResource, MlflowResource, ParamsResource
 from srpu_pipelines.resources.dvc import RecordingDvc
 from srpu_pipelines.resources.tracking import ModelVersion, RecordingTracker
-from srpu_pipelines.steps import CHAMPION, run_index
 from tests.conftest import tiny_params_dict
 
 STAGES = [

@@ -45,12 +45,67 @@ def test_demo_masks_hold_three_phases_and_an_ignored_bar(demo_params):
 
 
 FORBIDDEN = {"dagster", "mlflow", "dvc"}
-CORE = ["data", "models", "training", "analysis"]
+CORE = ["config.py", "io", "compute", "data", "models", "analysis", "training", "active_learning"]
+# the package's layers, bottom first: a module imports only from lower layers (and its own
+# subpackage); training and active_learning sit side by side and never import each other
+LAYERS = [
+    {"config", "io", "compute"},
+    {"data"},
+    {"models"},
+    {"analysis"},
+    {"training", "active_learning"},
+    {"resources"},
+    {"pipeline"},
+    {"bench"},
+    {"cli", "assets", "sensors", "definitions"},
+]
+TOP_LEVEL = {"__init__.py", "config.py", "cli.py", "definitions.py"}
+
+
+def _unit(module: str) -> str | None:
+    """``srpu_pipelines.data.index`` -> ``data``; None outside the package."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "srpu_pipelines" and len(parts) > 1 else None
+
+
+def _imports(path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module
+
+
+def test_the_top_of_the_package_holds_only_config_cli_and_definitions():
+    pkg = ROOT / "srpu_pipelines"
+    loose = {p.name for p in pkg.iterdir() if p.suffix == ".py"} - TOP_LEVEL
+    assert not loose, f"modules loose at the top of srpu_pipelines/: {sorted(loose)}"
+
+
+def test_imports_point_one_way_down_the_layers():
+    level = {u: i for i, layer in enumerate(LAYERS) for u in layer}
+    pkg = ROOT / "srpu_pipelines"
+    bad = []
+    for f in pkg.rglob("*.py"):
+        rel = f.relative_to(pkg)
+        me = rel.parts[0].removesuffix(".py")
+        if me == "__init__":
+            continue
+        assert me in level, f"{rel}: srpu_pipelines/{me} is in no layer of this test"
+        for mod in _imports(f):
+            other = _unit(mod)
+            if other is None or other == me:
+                continue
+            same_top = level[other] == level[me] == len(LAYERS) - 1
+            if level[other] > level[me] or (level[other] == level[me] and not same_top):
+                bad.append(f"{rel} imports {mod} ({me} -> {other})")
+    assert not bad, "imports against the layering:\n" + "\n".join(sorted(bad))
 
 
 def test_core_never_imports_the_orchestration_stack():
     for pkg in CORE:
-        for f in (ROOT / "srpu_pipelines" / pkg).rglob("*.py"):
+        where = ROOT / "srpu_pipelines" / pkg
+        for f in [where] if where.is_file() else where.rglob("*.py"):
             tree = ast.parse(f.read_text())
             for node in ast.walk(tree):
                 names = []

@@ -8,7 +8,7 @@ from PIL import Image
 from srpu_pipelines.analysis.evaluate import evaluate_checkpoint, predict_folder
 from srpu_pipelines.analysis.inference import predict_probs
 from srpu_pipelines.analysis.metrics import ConfusionAccumulator, scores_from_confusion
-from srpu_pipelines.config import parse_params
+from srpu_pipelines.config import parse_params, stage_setup
 from srpu_pipelines.data.demo import generate_demo
 from srpu_pipelines.data.index import build_index
 from srpu_pipelines.training.trainer import train_stage
@@ -48,7 +48,7 @@ def trained(tmp_path_factory):
     params = parse_params(tiny_params_dict(tmp_path_factory.mktemp("trained")))
     generate_demo(params)
     index = build_index(params, show_progress=False)
-    res = train_stage(params, index, progress=False)
+    res = train_stage(stage_setup(params), index, progress=False)
     return params, index, res.best_checkpoint
 
 
@@ -95,9 +95,25 @@ def test_evaluate_refuses_other_classes(trained):
 
 def test_bf16_only_where_the_cpu_has_it_natively():
     """Emulated bfloat16 (plain AVX512) trains 2.5x slower than fp32: auto means fp32 there."""
-    from srpu_pipelines.analysis.inference import cpu_has_native_bf16, use_bf16
+    from srpu_pipelines.compute.device import cpu_has_native_bf16, resolve_precision
 
     assert cpu_has_native_bf16("flags : fpu sse avx512f avx512_bf16 amx_tile")
     assert cpu_has_native_bf16("flags : fpu avx512f amx_bf16 amx_tile")
     assert not cpu_has_native_bf16("flags : fpu sse avx512f avx512bw avx512_vnni")
-    assert use_bf16("bf16") and not use_bf16("fp32")
+    cpu = torch.device("cpu")
+    assert resolve_precision("bf16", cpu).dtype == torch.bfloat16
+    assert resolve_precision("fp32", cpu).dtype is None
+
+
+def test_windows_stream_in_bands_of_bounded_height():
+    """A tall image: no band is more than a few tiles high, and together they cover every
+    row once (memory does not grow with the image)."""
+    from srpu_pipelines.analysis.inference import iter_prob_bands
+
+    img = np.random.default_rng(1).standard_normal((1000, 70)).astype(np.float32)
+    bands = list(iter_prob_bands(Threshold(), img, tile=32, overlap=0.5, batch_size=3))
+    rows = [p.shape[1] for _, p in bands]
+    assert sum(rows) == 1000 and [y for y, _ in bands] == list(np.cumsum([0, *rows[:-1]]))
+    assert max(rows) <= 2 * 32 and len(bands) > 20
+    full = np.concatenate([p.numpy() for _, p in bands], 1)
+    assert np.array_equal(full.argmax(0), (img > 0).astype(np.int64))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from srpu_pipelines.models.factory import create_model, load_weights, model_from_params
-from srpu_pipelines.steps import run_index, run_pretrain
+from srpu_pipelines.pipeline.steps import run_index, run_pretrain
 from srpu_pipelines.training.mae import (
     CnnMae,
     VitMae,
@@ -129,7 +129,7 @@ def test_vit_encoder_pretrains_and_its_stage_loads_it(tmp_path):
     """The ViT path end to end: DPT on a timm ViT, MAE, then a stage starting from it."""
     from srpu_pipelines.config import parse_params
     from srpu_pipelines.data.demo import generate_demo
-    from srpu_pipelines.steps import run_train
+    from srpu_pipelines.pipeline.steps import run_train
     from tests.conftest import tiny_params_dict
 
     d = tiny_params_dict(tmp_path)

@@ -17,6 +17,7 @@ from srpu_pipelines.active_learning.history import read_history
 from srpu_pipelines.active_learning.rounds import round_folders
 from srpu_pipelines.config import parse_params
 from srpu_pipelines.definitions import CHECKS, defs, pipeline_assets
+from srpu_pipelines.pipeline.steps import run_index
 from srpu_pipelines.resources.dagster_resources import ParamsResource
 from srpu_pipelines.sensors.new_masks import (
     ROUND_JOB,
@@ -26,7 +27,6 @@ from srpu_pipelines.sensors.new_masks import (
     round_run_config,
     round_selection,
 )
-from srpu_pipelines.steps import run_index
 from tests.conftest import color_mask, save, tiny_params_dict
 from tests.test_dagster import FAKE, FAKE_DVC, STAGES, FakeDvcResource, FakeMlflow
 
@@ -177,7 +177,7 @@ def test_a_whole_round(project):
 def test_a_round_whose_model_is_not_better_still_selects(project, monkeypatch):
     """The gate fails: the champion stays, yet the pool is re-scored and round 2 written,
     so the loop goes on; the history records no gain."""
-    import srpu_pipelines.steps as steps
+    import srpu_pipelines.pipeline.steps as steps
 
     p, pf = project
     res, assets, _, _ = _pipeline_then_corrections(p, pf)

@@ -5,8 +5,7 @@ import torch
 
 from srpu_pipelines.config import ParamsError, parse_params
 from srpu_pipelines.data.demo import generate_demo
-from srpu_pipelines.resources.tracking import RecordingTracker
-from srpu_pipelines.steps import (
+from srpu_pipelines.pipeline.steps import (
     final_dir,
     model_record_path,
     run_index,
@@ -15,8 +14,9 @@ from srpu_pipelines.steps import (
     stage_dir,
     stage_params,
 )
+from srpu_pipelines.resources.tracking import RecordingTracker
 from srpu_pipelines.training.semi import fixmatch_loss, strong_augment
-from srpu_pipelines.training.trainer import _param_groups
+from srpu_pipelines.training.trainer import param_groups
 from tests.conftest import tiny_params_dict
 
 TWO_STAGES = [
@@ -97,9 +97,9 @@ def test_encoder_modes_set_the_optimiser_groups(tmp_path):
 
     m = create_model("unet", "resnet18", 3, encoder_depth=3, decoder_channels=[16, 8, 8])
     n_enc = sum(1 for n, _ in m.named_parameters() if n.startswith("encoder."))
-    diff = _param_groups(m, "differential", 0.1)
-    assert [g["lr_mult"] for g in diff] == [0.1, 1.0] and len(diff[0]["params"]) == n_enc
-    frozen = _param_groups(m, "frozen", 0.1)
+    diff = param_groups(m, "differential", 0.1)
+    assert [g["lr_scale"] for g in diff] == [0.1, 1.0] and len(diff[0]["params"]) == n_enc
+    frozen = param_groups(m, "frozen", 0.1)
     assert len(frozen) == 1 and all(not p.requires_grad for p in m.encoder.parameters())
 
 

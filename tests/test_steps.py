@@ -2,8 +2,7 @@
 
 import pytest
 
-from srpu_pipelines.resources.tracking import RecordingTracker
-from srpu_pipelines.steps import (
+from srpu_pipelines.pipeline.steps import (
     CHAMPION,
     champion_gate,
     final_dir,
@@ -12,6 +11,7 @@ from srpu_pipelines.steps import (
     run_promote,
     run_train,
 )
+from srpu_pipelines.resources.tracking import RecordingTracker
 
 
 @pytest.fixture
@@ -76,6 +76,8 @@ def test_evaluate_logs_only_the_registered_checkpoint(ready):
 
 def test_rerun_of_a_time_budgeted_run_registers_nothing_new(ready):
     params, t = ready
-    run_train(params, t, progress=False, budget_s=0.01, max_steps=10**6)
-    again = run_train(params, t, progress=False, budget_s=0.01, max_steps=10**6)
+    params = params.model_copy(deep=True)
+    params.train.budget_s, params.train.max_steps = 0.01, 10**6
+    run_train(params, t, progress=False)
+    again = run_train(params, t, progress=False)
     assert len(t.versions) == 1 and not again["result"].trained

@@ -7,7 +7,7 @@ from srpu_pipelines.analysis.inference import predict_labels
 from srpu_pipelines.config import TrackingParams, parse_params
 from srpu_pipelines.data.dataset import standardize
 from srpu_pipelines.models.checkpoint import load_model
-from srpu_pipelines.steps import run_index, run_promote, run_train
+from srpu_pipelines.pipeline.steps import run_index, run_promote, run_train
 from tests.conftest import tiny_params_dict
 
 

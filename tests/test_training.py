@@ -5,10 +5,16 @@ import json
 import pytest
 import torch
 
+from srpu_pipelines.config import stage_setup
 from srpu_pipelines.data.index import build_index
 from srpu_pipelines.models.checkpoint import load_model, read_checkpoint
-from srpu_pipelines.training.losses import SegLoss, lr_factor
-from srpu_pipelines.training.trainer import train_stage
+from srpu_pipelines.training.loop import lr_factor
+from srpu_pipelines.training.losses import SegLoss
+from srpu_pipelines.training.trainer import train_stage as _train_stage
+
+
+def train_stage(params, index, **kw):
+    return _train_stage(stage_setup(params), index, **kw)
 
 
 @pytest.fixture
@@ -36,7 +42,7 @@ def test_train_writes_best_last_and_metrics(demo_params, index):
 def test_interrupted_run_resumes_and_keeps_best(demo_params, index):
     first = train_stage(demo_params, index, progress=False)  # 2 epochs: "interrupted" here
     state, _ = read_checkpoint(demo_params.train.out_dir / "last.pt")
-    assert state["epoch"] == 2 and state["best_miou"] == pytest.approx(first.best_miou)
+    assert state["epoch"] == 2 and state["best_score"] == pytest.approx(first.best_miou)
     longer = demo_params.model_copy(deep=True)
     longer.train.epochs = 3
     res = train_stage(longer, index, progress=False)
@@ -67,7 +73,9 @@ def test_a_checkpoint_of_an_older_model_layout_starts_over(demo_params, index):
 
 
 def test_budget_in_seconds_stops_training(demo_params, index):
-    res = train_stage(demo_params, index, budget_s=0.01, max_steps=10**6, progress=False)
+    p = demo_params.model_copy(deep=True)
+    p.train.budget_s, p.train.max_steps = 0.01, 10**6
+    res = train_stage(p, index, progress=False)
     assert 1 <= res.steps < 10
 
 

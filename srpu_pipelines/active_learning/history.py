@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from srpu_pipelines.config import Params
-from srpu_pipelines.io_utils import json_safe
+from srpu_pipelines.io.files import json_safe
 
 
 def history_path(params: Params) -> Path:

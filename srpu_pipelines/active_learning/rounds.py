@@ -31,7 +31,7 @@ from srpu_pipelines.config import Params
 from srpu_pipelines.data.discovery import Pair, Problem, find_labeled
 from srpu_pipelines.data.imageio import read_raw
 from srpu_pipelines.data.masks import MaskCodec
-from srpu_pipelines.io_utils import (
+from srpu_pipelines.io.files import (
     atomic_write_json,
     atomic_write_with,
     read_json,

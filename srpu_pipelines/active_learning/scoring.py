@@ -30,11 +30,13 @@ from srpu_pipelines.active_learning.uncertainty import (
     score_probabilities,
     tile_grid,
 )
-from srpu_pipelines.analysis.inference import autocast_ctx, predict_probs, use_bf16
+from srpu_pipelines.analysis.evaluate import inference_runtime
+from srpu_pipelines.analysis.inference import iter_prob_bands
+from srpu_pipelines.compute.device import Runtime
 from srpu_pipelines.config import Params
 from srpu_pipelines.data.dataset import standardize, stretch
 from srpu_pipelines.data.imageio import ImageReadError, read_grey
-from srpu_pipelines.io_utils import atomic_write_json, atomic_write_with, read_json
+from srpu_pipelines.io.files import atomic_write_json, atomic_write_with, read_json
 
 log = logging.getLogger(__name__)
 COLD_KEY = "cold-start"  # model_key of records made without a model
@@ -77,43 +79,46 @@ def _mc_dropout_hook(p: float):
 def ensemble_probs(
     model: nn.Module, image: np.ndarray, params: Params, in_channels: int
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Mean probabilities (C, H, W) over the ensemble members and their variance (H, W)
-    (None for a single member). Members are accumulated one at a time (Welford), so
-    memory is two probability maps whatever the ensemble size."""
+    """Mean probabilities (C, H, W) float16 over the ensemble members and their variance
+    (H, W) float32 (None for a single member). The members slide over the image in step,
+    one row band at a time on the model's device, so memory is a few bands plus the two
+    outputs whatever the ensemble and image size."""
     ens, inf = params.active.ensemble, params.inference
+    rt = inference_runtime(params.inference)
     kw = dict(
         tile=inf.tile_size,
         overlap=inf.overlap,
         batch_size=inf.batch_size,
-        bf16=use_bf16(inf.precision),
+        precision=rt.precision,
         in_channels=in_channels,
+        channels_last=rt.channels_last,
     )
     m = 1 if ens.method == "none" else ens.members
-    mean = m2 = None
+    nets: list[nn.Module] = [model] * m
+    if ens.method == "tta":
+        nets = [_Dihedral(model, *_DIHEDRAL[i % len(_DIHEDRAL)]) for i in range(m)]
     handle = None
     if ens.method == "mc_dropout":
         handle = model.encoder.register_forward_hook(_mc_dropout_hook(ens.dropout))
+        torch.manual_seed(1000)  # the same members every run: scores reproduce
+    mean: np.ndarray | None = None
+    var = np.zeros(image.shape, np.float32) if m > 1 else None
     try:
-        for i in range(m):
-            net = model
-            if ens.method == "tta":
-                turns, flip = _DIHEDRAL[i % len(_DIHEDRAL)]
-                net = _Dihedral(model, turns, flip)
-            if ens.method == "mc_dropout":
-                torch.manual_seed(1000 + i)  # the same members every run: scores reproduce
-            p = predict_probs(net, image, **kw).astype(np.float64)
+        streams = [iter_prob_bands(net, image, **kw) for net in nets]
+        for bands in zip(*streams, strict=True):
+            y0 = bands[0][0]
+            stack = torch.stack([p for _, p in bands])  # (M, C, rows, W) on the device
             if mean is None:
-                mean, m2 = p, np.zeros_like(p)
-            else:
-                delta = p - mean
-                mean = mean + delta / (i + 1)
-                m2 = m2 + delta * (p - mean)
+                mean = np.empty((stack.shape[1], *image.shape), np.float16)
+            rows = slice(y0, y0 + stack.shape[2])
+            mean[:, rows] = stack.mean(0).to(torch.float16).cpu().numpy()
+            if var is not None:
+                var[rows] = stack.var(0, unbiased=False).mean(0).cpu().numpy()
     finally:
         if handle is not None:
             handle.remove()
-    assert mean is not None and m2 is not None
-    var = (m2 / m).mean(0).astype(np.float32) if m > 1 else None
-    return mean.astype(np.float32), var
+    assert mean is not None
+    return mean, var
 
 
 # -- embeddings and appearance features ----------------------------------------------------
@@ -123,7 +128,7 @@ def tile_embeddings(
     image: np.ndarray,
     tiles: list[tuple[int, int, int, int]],
     in_channels: int,
-    bf16: bool,
+    rt: Runtime,
 ) -> np.ndarray:
     """(n_tiles, D) float32: the encoder's deepest feature map averaged over each tile of
     the standardised image (tiles reflect-padded to a multiple of 32)."""
@@ -134,11 +139,11 @@ def tile_embeddings(
         ph, pw = (-h) % 32, (-w) % 32
         if ph or pw:
             crop = np.pad(crop, ((0, ph), (0, pw)), mode="reflect" if min(h, w) > 1 else "edge")
-        t = torch.from_numpy(np.ascontiguousarray(crop, np.float32))[None, None]
-        with autocast_ctx(bf16):
+        t = torch.from_numpy(np.ascontiguousarray(crop, np.float32))[None, None].to(rt.device)
+        with rt.precision.autocast():
             feats = model.encoder(t.expand(-1, in_channels, -1, -1))
         deepest = feats[-1] if isinstance(feats, list | tuple) else feats
-        rows.append(deepest.float().mean((2, 3))[0].numpy())
+        rows.append(deepest.float().mean((2, 3))[0].cpu().numpy())
     return np.stack(rows).astype(np.float32)
 
 
@@ -252,7 +257,7 @@ def score_image(
     record["image_scores"] = sc["image"]
     record["tiles"] = sc["tiles"]
     record["predicted_fractions"] = [round(float(f), 6) for f in fractions]
-    emb = tile_embeddings(model, img, tiles, in_channels, use_bf16(params.inference.precision))
+    emb = tile_embeddings(model, img, tiles, in_channels, inference_runtime(params.inference))
     return record, emb
 
 
@@ -275,7 +280,7 @@ def score_pool(
 
     model, in_ch = None, params.model.in_channels
     if checkpoint is not None:
-        model, cfg = load_checked(params, checkpoint)
+        model, cfg = load_checked(params, checkpoint)  # on the inference device
         in_ch = cfg["in_channels"]
     settings = settings_key(params)
     pool_ids = {it["id"] for it in index.get("pool", [])}

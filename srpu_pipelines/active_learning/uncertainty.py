@@ -21,25 +21,31 @@ from collections.abc import Callable
 import numpy as np
 from scipy import ndimage
 
+from srpu_pipelines.config import UNCERTAINTY_STRATEGIES
+
 # (probs (C, H, W), member variance (H, W) or None) -> (H, W)
 PixelMap = Callable[[np.ndarray, np.ndarray | None], np.ndarray]
 AGGREGATIONS = ("mean", "topk", "class_balanced")
 
 
 def entropy_map(probs: np.ndarray, member_var: np.ndarray | None = None) -> np.ndarray:
-    """probs (C, H, W) -> normalised entropy (H, W)."""
-    p = np.clip(probs.astype(np.float64), 1e-12, 1.0)
-    h = -(p * np.log(p)).sum(0) / math.log(probs.shape[0])
-    return np.clip(h, 0.0, 1.0).astype(np.float32)
+    """probs (C, H, W) -> normalised entropy (H, W); one class at a time in float32, so
+    a float16 map of a large mosaic is never copied whole at higher precision."""
+    h = np.zeros(probs.shape[1:], np.float32)
+    for pc in probs:
+        p = np.clip(pc.astype(np.float32), 1e-12, 1.0)
+        h -= p * np.log(p)
+    return np.clip(h / math.log(probs.shape[0]), 0.0, 1.0).astype(np.float32)
 
 
 def least_confidence_map(probs: np.ndarray, member_var: np.ndarray | None = None) -> np.ndarray:
     c = probs.shape[0]
-    return np.clip((1.0 - probs.max(0)) * c / (c - 1), 0.0, 1.0).astype(np.float32)
+    top = probs.max(0).astype(np.float32)
+    return np.clip((1.0 - top) * c / (c - 1), 0.0, 1.0).astype(np.float32)
 
 
 def margin_map(probs: np.ndarray, member_var: np.ndarray | None = None) -> np.ndarray:
-    top2 = np.sort(probs, axis=0)[-2:]
+    top2 = np.sort(probs, axis=0)[-2:].astype(np.float32)
     return np.clip(1.0 - (top2[1] - top2[0]), 0.0, 1.0).astype(np.float32)
 
 
@@ -65,6 +71,8 @@ PIXEL_MAPS: dict[str, PixelMap] = {
     "variance": variance_map,
 }
 STRATEGIES: tuple[str, ...] = tuple(PIXEL_MAPS) + tuple(f"boundary_{k}" for k in PIXEL_MAPS)
+if STRATEGIES != UNCERTAINTY_STRATEGIES:  # params are checked against the config's names
+    raise ImportError(f"config.UNCERTAINTY_STRATEGIES {UNCERTAINTY_STRATEGIES} != {STRATEGIES}")
 
 
 def check_strategy(name: str) -> str:

@@ -12,42 +12,51 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from srpu_pipelines.analysis.inference import predict_probs, use_bf16
+from srpu_pipelines.analysis.inference import predict_labels
 from srpu_pipelines.analysis.metrics import ConfusionAccumulator
-from srpu_pipelines.config import Params
+from srpu_pipelines.compute.device import Runtime, prepare_module, resolve_runtime
+from srpu_pipelines.config import InferenceParams, Params
 from srpu_pipelines.data.dataset import load_samples, standardize
 from srpu_pipelines.data.imageio import ImageReadError, is_image_file, read_grey
 from srpu_pipelines.data.index import select_items
 from srpu_pipelines.data.masks import MaskCodec
-from srpu_pipelines.io_utils import atomic_write_json, atomic_write_with
+from srpu_pipelines.io.files import atomic_write_json, atomic_write_with
 from srpu_pipelines.models.checkpoint import load_model
 
 log = logging.getLogger(__name__)
 
 
 def load_checked(params: Params, checkpoint: str | Path) -> tuple[torch.nn.Module, dict]:
-    """Load a checkpoint and check that it was trained for ``params.classes``."""
+    """Load a checkpoint, check that it was trained for ``params.classes``, and put it on
+    the device of ``params.inference`` (eval mode)."""
     model, cfg = load_model(checkpoint)
     if cfg["class_names"] != params.class_names:
         raise ValueError(
             f"{checkpoint}: trained for classes {cfg['class_names']}, params.classes are "
             f"{params.class_names}"
         )
+    rt = inference_runtime(params.inference)
+    prepare_module(model, rt.device, rt.channels_last)
     return model, cfg
+
+
+def inference_runtime(inf: InferenceParams) -> Runtime:
+    return resolve_runtime(inf.device, inf.precision, inf.channels_last, "inference")
 
 
 def _predict(model, cfg: dict, image01: np.ndarray, params: Params) -> np.ndarray:
     inf = params.inference
-    probs = predict_probs(
+    rt = inference_runtime(inf)
+    return predict_labels(
         model,
         standardize(image01),
         tile=inf.tile_size,
         overlap=inf.overlap,
         batch_size=inf.batch_size,
-        bf16=use_bf16(inf.precision),
+        precision=rt.precision,
         in_channels=cfg["in_channels"],
+        channels_last=rt.channels_last,
     )
-    return probs.argmax(0).astype(np.uint8)
 
 
 def overlay_figure(

@@ -1,107 +1,117 @@
-"""Full-size inference by sliding windows with overlap blending.
+"""Full-size inference by sliding windows with overlap blending, streamed in row bands.
 
 Tiles overlap; each tile's softmax is weighted by a window that falls off towards the
 tile border (where a CNN sees least context) and the weighted sum is normalised, so
 seams disappear. Images smaller than a tile are reflect-padded.
+
+Windows run in batches on the model's device and their weighted probabilities accumulate
+in a band of rows on that device; as soon as no later window touches a row, the row is
+final and leaves the band. So memory is a few tiles' height x the image width x classes,
+whatever the image height: an 8k x 8k mosaic with 3 classes needs ~25 MB of float32 band
+(tile 256), not 770 MB for the whole probability map. Labels come out as uint8; full
+probability maps, where a caller needs them, as float16.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import re
-from pathlib import Path
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-
-def autocast_ctx(enabled: bool):
-    """bfloat16 autocast on the CPU where it is enabled, otherwise a no-op."""
-    if enabled:
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from srpu_pipelines.compute.device import Precision, module_device
 
 
-def cpu_has_native_bf16(cpuinfo: str) -> bool:
-    """Does a /proc/cpuinfo text list AVX512-BF16 or AMX-BF16?"""
-    return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
-
-
-@functools.cache
-def bf16_supported() -> bool:
-    """True when this CPU runs bfloat16 matmuls natively (AVX512-BF16 / AMX).
-
-    oneDNN also "supports" bfloat16 on plain AVX512 by emulation, and torch's own check
-    says yes there; measured on such a Xeon (avx512f/bw/vnni, no avx512_bf16): a training
-    step 2.5x slower than fp32. So the CPU flags decide (Linux; elsewhere: fp32)."""
-    try:
-        native = cpu_has_native_bf16(Path("/proc/cpuinfo").read_text(errors="replace"))
-    except OSError:
-        return False
-    try:
-        return native and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def use_bf16(precision: str) -> bool:
-    """Resolve a ``precision`` param ("auto" | "bf16" | "fp32") to whether to autocast."""
-    return precision == "bf16" or (precision == "auto" and bf16_supported())
-
-
-def _window(tile: int) -> torch.Tensor:
+def _window(tile: int, device: torch.device) -> torch.Tensor:
     ramp = torch.sin(torch.pi * (torch.arange(tile, dtype=torch.float32) + 0.5) / tile)
-    w = torch.outer(ramp, ramp)
-    return w.clamp_min(1e-3)
+    return torch.outer(ramp, ramp).clamp_min(1e-3).to(device)
 
 
-def _starts(size: int, tile: int, stride: int) -> list[int]:
+def window_starts(size: int, tile: int, stride: int) -> list[int]:
+    """Start offsets of windows of ``tile`` covering ``size`` with ``stride`` (the last one
+    flush with the end)."""
     return sorted(set(list(range(0, size - tile + 1, stride)) + [size - tile]))
 
 
 @torch.no_grad()
-def predict_probs(
+def iter_prob_bands(
     model: nn.Module,
     image: np.ndarray,
     tile: int = 256,
     overlap: float = 0.25,
     batch_size: int = 8,
-    bf16: bool = False,
+    precision: Precision | None = None,
     in_channels: int = 1,
-) -> np.ndarray:
-    """Class probabilities (C, H, W) float32 for a standardised (H, W) image.
+    channels_last: bool = False,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(y0, probs)`` for consecutive row bands of a standardised (H, W) image:
+    ``probs`` is float32 (C, rows, W) on the model's device, rows y0..y0+rows-1, final.
 
     The grey image is repeated ``in_channels`` times for models that take more channels.
     """
     model.eval()
+    device = module_device(model)
+    prec = precision or Precision(device.type, None)
     h, w = image.shape
     ph, pw = max(0, tile - h), max(0, tile - w)
     x = np.pad(image, ((0, ph), (0, pw)), mode="reflect") if (ph or pw) else image
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None]
+    src = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     hp, wp = x.shape
     stride = max(1, int(round(tile * (1.0 - overlap))))
-    coords = [(r, c) for r in _starts(hp, tile, stride) for c in _starts(wp, tile, stride)]
-    win = _window(tile)
-    acc: torch.Tensor | None = None
-    norm = torch.zeros(hp, wp)
+    coords = [
+        (r, c) for r in window_starts(hp, tile, stride) for c in window_starts(wp, tile, stride)
+    ]
+    win = _window(tile, device)
+    acc: torch.Tensor | None = None  # (C, band rows, wp): rows buf0 .. buf0 + rows - 1
+    norm = torch.zeros(0, wp, device=device)
+    buf0 = emitted = 0
     for i in range(0, len(coords), batch_size):
         chunk = coords[i : i + batch_size]
-        batch = torch.cat([t[..., r : r + tile, c : c + tile] for r, c in chunk])
-        batch = batch.expand(-1, in_channels, -1, -1)
-        with autocast_ctx(bf16):
+        batch = torch.stack([src[r : r + tile, c : c + tile] for r, c in chunk])[:, None]
+        batch = batch.to(device, non_blocking=True).expand(-1, in_channels, -1, -1)
+        if channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with prec.autocast():
             logits = model(batch)
-        probs = logits.float().softmax(1)
+        probs = logits.float().softmax(1) * win
+        need = max(r for r, _ in chunk) + tile - buf0  # band rows this chunk reaches
         if acc is None:
-            acc = torch.zeros(probs.shape[1], hp, wp)
+            acc = torch.zeros(probs.shape[1], need, wp, device=device)
+            norm = torch.zeros(need, wp, device=device)
+        elif need > acc.shape[1]:
+            grow = need - acc.shape[1]
+            acc = torch.cat([acc, acc.new_zeros(acc.shape[0], grow, wp)], 1)
+            norm = torch.cat([norm, norm.new_zeros(grow, wp)], 0)
         for p, (r, c) in zip(probs, chunk, strict=True):
-            acc[:, r : r + tile, c : c + tile] += p * win
-            norm[r : r + tile, c : c + tile] += win
-    assert acc is not None
-    return (acc / norm)[:, :h, :w].numpy()
+            acc[:, r - buf0 : r - buf0 + tile, c : c + tile] += p
+            norm[r - buf0 : r - buf0 + tile, c : c + tile] += win
+        # rows above the next window's start get nothing more: they are final
+        done_to = coords[i + batch_size][0] if i + batch_size < len(coords) else hp
+        done_to = min(done_to, h)
+        if done_to > emitted:
+            k = done_to - buf0
+            yield emitted, (acc[:, :k, :w] / norm[:k, :w]).contiguous()
+            acc, norm = acc[:, k:], norm[k:]
+            buf0 = emitted = done_to
 
 
 def predict_labels(model: nn.Module, image: np.ndarray, **kw) -> np.ndarray:
-    """uint8 (H, W) argmax class indices for a standardised (H, W) image."""
-    return predict_probs(model, image, **kw).argmax(0).astype(np.uint8)
+    """uint8 (H, W) argmax class indices for a standardised (H, W) image (keywords as
+    :func:`iter_prob_bands`)."""
+    out = np.empty(image.shape, np.uint8)
+    for y0, p in iter_prob_bands(model, image, **kw):
+        out[y0 : y0 + p.shape[1]] = p.argmax(0).to(torch.uint8).cpu().numpy()
+    return out
+
+
+def predict_probs(model: nn.Module, image: np.ndarray, **kw) -> np.ndarray:
+    """Class probabilities (C, H, W) float16 for a standardised (H, W) image (keywords as
+    :func:`iter_prob_bands`): half the memory of float32, precise to ~1e-3."""
+    out: np.ndarray | None = None
+    for y0, p in iter_prob_bands(model, image, **kw):
+        if out is None:
+            out = np.empty((p.shape[0], *image.shape), np.float16)
+        out[:, y0 : y0 + p.shape[1]] = p.to(torch.float16).cpu().numpy()
+    assert out is not None
+    return out

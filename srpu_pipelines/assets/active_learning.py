@@ -8,8 +8,8 @@ from typing import Any
 import dagster as dg
 
 from srpu_pipelines.assets._metadata import png_md
+from srpu_pipelines.pipeline.active import run_record_round, run_score, run_select
 from srpu_pipelines.resources.dagster_resources import MlflowResource, ParamsResource
-from srpu_pipelines.steps_active import run_record_round, run_score, run_select
 
 
 @dg.asset(

@@ -12,8 +12,8 @@ from srpu_pipelines.assets._metadata import image_preview
 from srpu_pipelines.data.dataset import load_samples
 from srpu_pipelines.data.index import load_index, missing_classes_per_split, verify_items
 from srpu_pipelines.data.masks import MaskCodec
+from srpu_pipelines.pipeline.steps import run_index
 from srpu_pipelines.resources.dagster_resources import DvcResource, ParamsResource
-from srpu_pipelines.steps import run_index
 
 
 @dg.asset(

@@ -7,8 +7,8 @@ from pathlib import Path
 import dagster as dg
 
 from srpu_pipelines.assets._metadata import image_preview, iou_table
+from srpu_pipelines.pipeline.steps import CHAMPION, champion_gate, run_evaluate, run_promote
 from srpu_pipelines.resources.dagster_resources import MlflowResource, ParamsResource
-from srpu_pipelines.steps import CHAMPION, champion_gate, run_evaluate, run_promote
 
 
 def evaluation_asset(final_stage_asset: str) -> dg.AssetsDefinition:

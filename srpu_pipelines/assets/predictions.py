@@ -9,8 +9,8 @@ import dagster as dg
 from srpu_pipelines.analysis.evaluate import predict_folder
 from srpu_pipelines.assets._metadata import image_preview
 from srpu_pipelines.assets.evaluation import champion_model
+from srpu_pipelines.pipeline.steps import prediction_checkpoint
 from srpu_pipelines.resources.dagster_resources import MlflowResource, ParamsResource
-from srpu_pipelines.steps import prediction_checkpoint
 
 
 @dg.asset(

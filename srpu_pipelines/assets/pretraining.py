@@ -6,8 +6,8 @@ import dagster as dg
 
 from srpu_pipelines.assets._metadata import curve_png, image_preview
 from srpu_pipelines.assets.data import dataset_index
+from srpu_pipelines.pipeline.steps import run_pretrain
 from srpu_pipelines.resources.dagster_resources import MlflowResource, ParamsResource
-from srpu_pipelines.steps import run_pretrain
 
 
 @dg.asset(

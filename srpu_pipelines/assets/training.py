@@ -5,9 +5,10 @@ import dagster as dg
 from pydantic import Field
 
 from srpu_pipelines.assets._metadata import curve_png, image_preview
-from srpu_pipelines.config import Params
+from srpu_pipelines.config import Params, load_params
+from srpu_pipelines.pipeline.launch import launch_train
+from srpu_pipelines.pipeline.steps import CHAMPION, run_stage, stage_asset_name
 from srpu_pipelines.resources.dagster_resources import MlflowResource, ParamsResource
-from srpu_pipelines.steps import CHAMPION, run_stage, stage_asset_name
 
 
 class StageRunConfig(dg.Config):
@@ -18,6 +19,12 @@ class StageRunConfig(dg.Config):
         default=False,
         description="start from the registry's champion instead of the stage's init "
         "(what an active-learning round does); the normal init when there is no champion",
+    )
+    nproc: int = Field(
+        default=1,
+        ge=1,
+        description="data-parallel processes on this machine (torchrun: gloo on CPUs, NCCL "
+        "on GPUs); train.batch_size stays the global batch",
     )
 
 
@@ -45,12 +52,21 @@ def _stage_asset(params: Params, i: int) -> dg.AssetsDefinition:
         params: ParamsResource,
         mlflow: MlflowResource,
     ) -> dg.MaterializeResult:
+        overrides = list(params.overrides)
         p = params.load()
         tracker = mlflow.tracker(p)
         if config.warm_start and tracker is not None and tracker.get_alias(CHAMPION):
-            p = p.model_copy(deep=True)
-            p.stages[i] = p.stages[i].model_copy(update={"init": f"alias:{CHAMPION}"})
+            overrides.append(f"stages.{i}.init=alias:{CHAMPION}")
+            p = load_params(params.path, overrides)
             context.log.info("warm start: stage %s starts from the champion", name)
+        if config.nproc > 1:
+            rc = launch_train(p, params.path, overrides, tracker, config.nproc, name, quiet=True)
+            if rc != 0:
+                raise RuntimeError(
+                    f"stage {name}: torchrun with {config.nproc} processes exited {rc}"
+                )
+            context.log.info("stage %s trained in %d processes", name, config.nproc)
+        # after a data-parallel run this finds the stage done and returns its record
         out = run_stage(p, tracker, name, progress=False)
         res = out["result"]
         last = res.history[-1] if res.history else {}

@@ -94,8 +94,9 @@ class TileSampler(torch.utils.data.Dataset):
 
     A share ``rare_crop_prob`` of crops is centred on a pixel of a class drawn uniformly
     from the classes present, so a phase covering 1 % of pixels is seen in many crops.
-    Call :meth:`set_epoch` before each epoch: crops are fixed by (seed, epoch), so a run
-    resumed at an epoch boundary sees the same data it would have seen.
+    Item ``epoch * length + i`` is crop ``i`` of epoch ``epoch``, drawn from a generator
+    seeded by (seed, epoch, i) alone: the same crops whatever the DataLoader workers or
+    data-parallel processes, and a run resumed at an epoch boundary sees the same data.
     """
 
     def __init__(
@@ -124,17 +125,12 @@ class TileSampler(torch.utils.data.Dataset):
                     per_class[c] = np.stack([ys[keep], xs[keep]], 1)
             self.coords.append(per_class)
         self.present = sorted({c for pc in self.coords for c in pc})
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.rng = np.random.default_rng([self.seed, epoch])
-        self.aug.set_random_seed(int(self.rng.integers(2**31)))
 
     def __len__(self) -> int:
         return self.length
 
-    def _crop(self) -> tuple[np.ndarray, np.ndarray, Sample]:
-        t, rng = self.tile, self.rng
+    def _crop(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, Sample]:
+        t = self.tile
         if rng.random() < self.rare_crop_prob:
             c = self.present[rng.integers(len(self.present))]
             with_c = [i for i, pc in enumerate(self.coords) if c in pc]
@@ -152,10 +148,13 @@ class TileSampler(torch.utils.data.Dataset):
         x0 = int(np.clip(cx - t // 2, 0, w - t))
         return img[y0 : y0 + t, x0 : x0 + t], mask[y0 : y0 + t, x0 : x0 + t], s
 
-    def __getitem__(self, _: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, T, T) float32 standardised image and (T, T) int64 mask (the model repeats the
         grey channel when it takes more than one)."""
-        img, mask, s = self._crop()
+        epoch, i = divmod(int(index), self.length)
+        rng = np.random.default_rng([self.seed, epoch, i])
+        img, mask, s = self._crop(rng)
+        self.aug.set_random_seed(int(rng.integers(2**31)))
         out = self.aug(image=np.ascontiguousarray(img), mask=np.ascontiguousarray(mask))
         x = (np.clip(out["image"], 0, 1) - s.mean) / s.std
         return torch.from_numpy(x[None].astype(np.float32)), torch.from_numpy(

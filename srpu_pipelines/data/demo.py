@@ -20,7 +20,7 @@ from PIL import Image
 
 from srpu_pipelines.config import IGNORE_INDEX, Params
 from srpu_pipelines.data.masks import MaskCodec
-from srpu_pipelines.io_utils import atomic_write_with
+from srpu_pipelines.io.files import atomic_write_with
 
 AM, SE, CARBON = 0, 1, 2  # class indices in the demo params
 

@@ -21,7 +21,7 @@ from srpu_pipelines.config import Params
 from srpu_pipelines.data.discovery import Pair, PoolImage, Problem, find_labeled, find_pool
 from srpu_pipelines.data.imageio import IMAGE_EXTENSIONS, ImageReadError, image_size, read_grey
 from srpu_pipelines.data.masks import MaskCodec, MaskDecodeError, class_fractions
-from srpu_pipelines.io_utils import atomic_write_json, read_json, sha256_file
+from srpu_pipelines.io.files import atomic_write_json, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")

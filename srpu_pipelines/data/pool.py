@@ -54,7 +54,8 @@ def load_standardized(path: str) -> np.ndarray:
 
 class UnlabeledTiles(torch.utils.data.Dataset):
     """``length`` random ``tile`` x ``tile`` crops per epoch with random flips and
-    90-degree turns (the weak augmentation); fixed by (seed, epoch) like TileSampler."""
+    90-degree turns (the weak augmentation). Item ``epoch * length + i`` is drawn from a
+    generator seeded by (seed, epoch, i) alone, like :class:`TileSampler`'s."""
 
     def __init__(
         self, paths: list[str], tile: int, length: int, seed: int, source: str = ""
@@ -65,17 +66,17 @@ class UnlabeledTiles(torch.utils.data.Dataset):
                 f"folders) and no labelled images in the splits named for unlabelled use{source}"
             )
         self.paths, self.tile, self.length, self.seed = paths, tile, length, seed
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.rng = np.random.default_rng([self.seed, epoch, 7])
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, _: int) -> torch.Tensor:
+    def generator(self, index: int, salt: int = 7) -> np.random.Generator:
+        epoch, i = divmod(int(index), self.length)
+        return np.random.default_rng([self.seed, epoch, i, salt])
+
+    def __getitem__(self, index: int) -> torch.Tensor:
         """(1, T, T) float32 standardised tile."""
-        rng, t = self.rng, self.tile
+        rng, t = self.generator(index), self.tile
         img = load_standardized(self.paths[int(rng.integers(len(self.paths)))])
         ph, pw = max(0, t - img.shape[0]), max(0, t - img.shape[1])
         if ph or pw:

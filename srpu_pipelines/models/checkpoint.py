@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from srpu_pipelines.io_utils import atomic_write_json, atomic_write_with, read_json
+from srpu_pipelines.io.files import atomic_write_json, atomic_write_with, read_json
 from srpu_pipelines.models.factory import create_model, unused_stage_keys
 
 NORMALIZATION = "per_image_zscore"
@@ -36,15 +36,32 @@ def model_config(params: Any) -> dict[str, Any]:
 
 
 def save_checkpoint(
-    path: str | Path, model: nn.Module, config: dict[str, Any], state: dict[str, Any] | None = None
+    path: str | Path,
+    model: nn.Module | dict[str, Any],
+    config: dict[str, Any],
+    state: dict[str, Any] | None = None,
 ) -> None:
-    """Write ``path`` (.pt: weights + optional training state) and its ``.json`` config."""
+    """Write ``path`` (.pt: weights + optional training state) and its ``.json`` config.
+    ``model`` is a module or its state_dict."""
     path = Path(path)
-    payload = {"model": model.state_dict(), "config": config, **(state or {})}
+    weights = model.state_dict() if isinstance(model, nn.Module) else model
+    payload = _on_cpu({"model": weights, "config": config, **(state or {})})
     # config first: a run killed between the two writes leaves a .json that fits the
     # .pt to come or, as the .pt also carries its config, one that can be rebuilt
     atomic_write_json(path.with_suffix(".json"), config)
     atomic_write_with(path, lambda tmp: torch.save(payload, tmp))
+
+
+def _on_cpu(obj: Any) -> Any:
+    """Tensors moved to the CPU (containers walked): a checkpoint written on a GPU loads
+    anywhere and names no device."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:

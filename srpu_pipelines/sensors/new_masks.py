@@ -21,8 +21,8 @@ from typing import Any
 import dagster as dg
 
 from srpu_pipelines.config import Params
+from srpu_pipelines.pipeline.steps import final_stage, stage_asset_name
 from srpu_pipelines.resources.dagster_resources import ParamsResource
-from srpu_pipelines.steps import final_stage, stage_asset_name
 
 ROUND_JOB = "active_learning_round"
 IN_PROGRESS = [
@@ -82,7 +82,7 @@ def check_new_masks(
     from srpu_pipelines.active_learning.history import read_history, stop_reason
     from srpu_pipelines.active_learning.rounds import new_labels
     from srpu_pipelines.data.index import load_index
-    from srpu_pipelines.io_utils import sha256_file
+    from srpu_pipelines.io.files import sha256_file
 
     cursor = cursor or ""
     if not params.data.index_path.is_file():

@@ -1,8 +1,6 @@
-"""Loss and learning-rate schedule for supervised segmentation."""
+"""Loss for supervised segmentation."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -37,15 +35,3 @@ class SegLoss(nn.Module):
         if self.dice_w:
             loss = loss + self.dice_w * self.dice(logits, target)
         return loss
-
-
-def lr_factor(progress: float, step: int, warmup_steps: int, min_ratio: float) -> float:
-    """Linear warm-up over ``warmup_steps``, then cosine from 1 to ``min_ratio``.
-
-    ``progress`` in [0, 1] is the share of the run done: steps or seconds, whichever is
-    further along, so a time-budgeted run still ends on a small learning rate.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    p = min(max(progress, 0.0), 1.0)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))

@@ -1,7 +1,8 @@
 """MAE pretraining run: unlabelled tiles in, encoder checkpoint and pictures out, resumable.
 
-Outputs in ``pretrain.out_dir``: ``encoder.pt`` (+ ``.json``) holding the state_dict of
-the segmentation model's ``encoder`` module (it loads with ``load_weights``), ``last.pt`` with
+A :class:`~srpu_pipelines.training.loop.Task` of the one loop. Outputs in
+``pretrain.out_dir``: ``encoder.pt`` (+ ``.json``) holding the state_dict of the
+segmentation model's ``encoder`` module (it loads with ``load_weights``), ``last.pt`` with
 everything needed to resume, ``pretrain_metrics.json`` and ``reconstructions.png``
 (rows: input, masked input, reconstruction).
 """
@@ -12,120 +13,59 @@ import hashlib
 import io
 import json
 import logging
-import math
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from torch import nn
 
-from srpu_pipelines.analysis.inference import autocast_ctx, use_bf16
-from srpu_pipelines.config import Params
+from srpu_pipelines.compute.device import module_device
+from srpu_pipelines.config import PretrainParams, PretrainSetup
 from srpu_pipelines.data.index import image_hashes
 from srpu_pipelines.data.pool import UnlabeledTiles, load_standardized, unlabeled_paths
-from srpu_pipelines.io_utils import atomic_write_bytes, atomic_write_json
-from srpu_pipelines.models.checkpoint import model_config, read_checkpoint, save_checkpoint
+from srpu_pipelines.io.files import atomic_write_bytes, atomic_write_json
+from srpu_pipelines.models.checkpoint import model_config, save_checkpoint
 from srpu_pipelines.models.factory import model_from_params
-from srpu_pipelines.training.losses import lr_factor
+from srpu_pipelines.training.loop import (
+    EXECUTION_KEYS,
+    EpochCallback,
+    Loop,
+    RunResult,
+    Task,
+    run_task,
+    task_is_finished,
+)
 from srpu_pipelines.training.mae import (
     CnnMae,
     build_mae,
     masked_patch_loss,
+    n_masked,
+    patchify,
     random_patch_mask,
     resolve_method,
+    unpatchify,
 )
-from srpu_pipelines.training.trainer import seed_everything
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class PretrainResult:
-    out_dir: Path
-    method: str
-    steps: int
-    epochs: int
-    seconds: float
-    images: int
-    history: list[dict[str, Any]] = field(default_factory=list)
-    trained: bool = True
+class MaskedTiles(torch.utils.data.Dataset):
+    """(tile, patch mask) items: the mask of item ``k`` comes from the tile's own
+    generator, so it is the same whatever the workers or processes."""
 
-    @property
-    def encoder_checkpoint(self) -> Path:
-        return self.out_dir / "encoder.pt"
+    def __init__(self, tiles: UnlabeledTiles, patch: int, ratio: float) -> None:
+        self.tiles, self.g = tiles, tiles.tile // patch
+        self.k = n_masked(ratio, self.g, self.g)
 
-    @property
-    def reconstructions(self) -> Path:
-        return self.out_dir / "reconstructions.png"
+    def __len__(self) -> int:
+        return len(self.tiles)
 
-    def summary(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "steps": self.steps,
-            "epochs": self.epochs,
-            "seconds": round(self.seconds, 1),
-            "images": self.images,
-            "final_loss": self.history[-1]["loss"] if self.history else None,
-            "history": self.history,
-        }
-
-
-def _prepare(params: Params, index: dict[str, Any]) -> tuple[str, list[str], str]:
-    """(method, image paths, fingerprint of everything the encoder depends on)."""
-    pp = params.pretrain
-    method = resolve_method(pp.method, params.model.encoder)
-    paths = unlabeled_paths(index, pp.use_pool, pp.splits)
-    if not paths:
-        raise ValueError(
-            "pretrain: no images to pretrain on (pretrain.use_pool and pretrain.splits "
-            f"{pp.splits} select none in {params.data.index_path})"
-        )
-    return method, paths, _fingerprint(params, method, paths, image_hashes(index))
-
-
-def _done(state: dict[str, Any], total_steps: int, budget: float | None) -> bool:
-    hit = int(state["step"]) >= total_steps or (
-        budget is not None and float(state["elapsed_s"]) >= budget
-    )
-    return bool(state.get("finished")) and hit
-
-
-def pretrain_is_finished(
-    params: Params,
-    index: dict[str, Any],
-    out_dir: str | Path | None = None,
-    budget_s: float | None = None,
-    max_steps: int | None = None,
-) -> bool:
-    """True when ``pretrain_mae`` with these arguments would train nothing."""
-    pp = params.pretrain
-    out = Path(out_dir or pp.out_dir)
-    last = out / "last.pt"
-    if not (pp.resume and last.is_file() and (out / "encoder.pt").is_file()):
-        return False
-    state, _ = read_checkpoint(last)
-    _, _, fp = _prepare(params, index)
-    total = max_steps or pp.epochs * pp.steps_per_epoch
-    budget = budget_s if budget_s is not None else pp.budget_s
-    return state.get("fingerprint") == fp and _done(state, total, budget)
-
-
-def _fingerprint(params: Params, method: str, paths: list[str], hashes: dict[str, str]) -> str:
-    pp = params.pretrain.model_dump(
-        mode="json", exclude={"out_dir", "resume", "epochs", "budget_s", "reconstructions"}
-    )
-    blob = {
-        "model": model_config(params),
-        "pretrain": pp,
-        "method": method,
-        "seed": params.seed,
-        "images": [hashes.get(p, p) for p in paths],
-    }
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = self.tiles.generator(index, salt=11)
+        mask = np.zeros(self.g * self.g, bool)
+        mask[rng.permutation(self.g * self.g)[: self.k]] = True
+        return self.tiles[index], torch.from_numpy(mask.reshape(self.g, self.g))
 
 
 def _to_u8(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -134,7 +74,7 @@ def _to_u8(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 @torch.no_grad()
 def reconstruction_grid(
-    mae: torch.nn.Module, paths: list[str], params: Params, n: int, seed: int
+    mae: torch.nn.Module, paths: list[str], pp: PretrainParams, n: int, seed: int
 ) -> bytes | None:
     """PNG bytes: one row per image (centre crop), columns input | masked | reconstruction.
 
@@ -144,10 +84,8 @@ def reconstruction_grid(
     """
     from PIL import Image
 
-    from srpu_pipelines.training.mae import patchify, unpatchify
-
-    pp = params.pretrain
     rows = []
+    device = module_device(mae)
     g = torch.Generator().manual_seed(seed)
     mae.eval()
     for path in paths[:n]:
@@ -159,7 +97,7 @@ def reconstruction_grid(
         x = torch.from_numpy(np.ascontiguousarray(img[y0 : y0 + t, x0 : x0 + t]))[None, None]
         gh = gw = t // pp.patch_size
         mask = random_patch_mask(1, gh, gw, pp.mask_ratio, g)
-        rec = mae(x, mask).float()[:, :1]
+        rec = mae(x.to(device), mask.to(device)).float().cpu()[:, :1]
         if pp.norm_pix_loss:
             tp, rp = patchify(x, pp.patch_size), patchify(rec, pp.patch_size)
             mu, sd = tp.mean(-1, keepdim=True), (tp.var(-1, keepdim=True) + 1e-6).sqrt()
@@ -185,139 +123,117 @@ def reconstruction_grid(
     return buf.getvalue()
 
 
-def pretrain_mae(
-    params: Params,
-    index: dict[str, Any],
-    out_dir: str | Path | None = None,
-    budget_s: float | None = None,
-    max_steps: int | None = None,
-    callbacks: list[Callable[[dict[str, Any]], None]] | None = None,
-    progress: bool = True,
-) -> PretrainResult:
-    """Pretrain the encoder of ``params.model`` by masked-image modelling.
+class MaeTask(Task):
+    """Pretrain the encoder of ``setup.model`` by masked-image modelling on the pool and
+    the pixels of ``pretrain.splits``. Other settings or images start over in the folder
+    (the encoder it held described other data)."""
 
-    A finished run with the same settings and images trains nothing; one stopped midway
-    resumes from its last epoch; other settings or images start over in the folder (the
-    encoder it held described other data).
-    """
-    pp = params.pretrain
-    out = Path(out_dir or pp.out_dir)
-    total_steps = max_steps or pp.epochs * pp.steps_per_epoch
-    budget = budget_s if budget_s is not None else pp.budget_s
-    method, paths, fp = _prepare(params, index)
-    seed_everything(params.seed)
-    # random init: the encoder is learnt from these images only (model.weights is not used)
-    model = model_from_params(params.model.model_copy(update={"weights": None}), params.num_classes)
-    mae = build_mae(
-        model, method, params.model.in_channels, pp.patch_size, pp.decoder_dim, pp.decoder_depth
-    )
-    opt = torch.optim.AdamW(
-        mae.parameters(), lr=pp.lr, weight_decay=pp.weight_decay, betas=(0.9, 0.95)
-    )
-    bf16 = use_bf16(pp.precision)
-    cfg = {**model_config(params), "kind": "encoder", "method": method}
+    kind = "pretrain"
+    restart_on_change = True
+    betas = (0.9, 0.95)
 
-    step, epoch, elapsed0, history = 0, 0, 0.0, []
-    last_path = out / "last.pt"
-    state = read_checkpoint(last_path)[0] if pp.resume and last_path.is_file() else None
-    if state is not None and state.get("fingerprint") != fp:
-        log.info("%s: settings or images changed; pretraining starts over", last_path)
-        state = None
-    if state is not None and set(state["mae"]) != set(mae.state_dict()):
-        log.info("%s: the model's layout changed since; pretraining starts over", last_path)
-        state = None
-    if state is not None:
-        mae.load_state_dict(state["mae"])
-        opt.load_state_dict(state["optimizer"])
-        step, epoch = int(state["step"]), int(state["epoch"])
-        elapsed0, history = float(state["elapsed_s"]), list(state["history"])
-        if _done(state, total_steps, budget) and (out / "encoder.pt").is_file():
-            return PretrainResult(
-                out, method, step, epoch, elapsed0, len(paths), history, trained=False
+    def __init__(self, setup: PretrainSetup, index: dict[str, Any]) -> None:
+        pp = setup.pretrain
+        super().__init__(pp, setup.seed)
+        self.setup, self.pp, self.out = setup, pp, Path(pp.out_dir)
+        self.method = resolve_method(pp.method, setup.model.encoder)
+        self.paths = unlabeled_paths(index, pp.use_pool, pp.splits)
+        if not self.paths:
+            raise ValueError(
+                "pretrain: no images to pretrain on (pretrain.use_pool and pretrain.splits "
+                f"{pp.splits} select none in the index)"
             )
+        self.hashes = image_hashes(index)
 
-    tiles = UnlabeledTiles(paths, pp.tile_size, pp.steps_per_epoch * pp.batch_size, params.seed)
-    loader = torch.utils.data.DataLoader(tiles, batch_size=pp.batch_size, num_workers=0)
-    gh = gw = pp.tile_size // pp.patch_size
-    t0 = time.monotonic() - elapsed0
-    start_step = step
-
-    def elapsed() -> float:
-        return time.monotonic() - t0
-
-    def out_of_budget() -> bool:
-        return step >= total_steps or (budget is not None and elapsed() >= budget)
-
-    while not out_of_budget():
-        tiles.set_epoch(epoch)
-        g = torch.Generator().manual_seed(params.seed * 100003 + epoch)
-        mae.train()
-        losses = []
-        bar = tqdm(loader, desc=f"mae epoch {epoch + 1}", disable=not progress, leave=False)
-        for x in bar:
-            prog = (
-                step / total_steps
-                if budget is None
-                else max(step / total_steps, elapsed() / budget)
-            )
-            lr = pp.lr * lr_factor(prog, step, pp.warmup_steps, pp.min_lr_ratio)
-            for grp in opt.param_groups:
-                grp["lr"] = lr
-            mask = random_patch_mask(x.shape[0], gh, gw, pp.mask_ratio, g)
-            with autocast_ctx(bf16):
-                rec = mae(x, mask)
-            target = x.expand(-1, rec.shape[1], -1, -1)
-            loss = masked_patch_loss(rec, target, mask, pp.patch_size, pp.norm_pix_loss)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"MAE loss became {loss.item()} at step {step}; lower pretrain.lr ({pp.lr})"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            if out_of_budget():
-                break
-        epoch += 1
-        if isinstance(mae, CnnMae):
-            mae.recalibrate_bn([x for _, x in zip(range(8), loader, strict=False)])
-        rec_ = {
-            "epoch": epoch,
-            "step": step,
-            "loss": float(np.mean(losses)) if losses else math.nan,
-            "lr": lr,
-            "elapsed_s": round(elapsed(), 1),
+    def fingerprint(self) -> str:
+        pp = self.pp.model_dump(mode="json", exclude=EXECUTION_KEYS | {"reconstructions"})
+        blob = {
+            "model": model_config(self.setup),
+            "pretrain": pp,
+            "method": self.method,
+            "seed": self.seed,
+            "images": [self.hashes.get(p, p) for p in self.paths],
         }
-        history.append(rec_)
-        finished = out_of_budget()
-        # the encoder first: a run killed in between resumes and rewrites both
-        save_checkpoint(out / "encoder.pt", model.encoder, {**cfg, "epoch": epoch, "step": step})
-        save_checkpoint(
-            last_path,
-            model.encoder,
-            cfg,
-            {
-                "mae": mae.state_dict(),
-                "optimizer": opt.state_dict(),
-                "step": step,
-                "epoch": epoch,
-                "elapsed_s": elapsed(),
-                "history": history,
-                "fingerprint": fp,
-                "finished": finished,
-            },
+        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+    def config(self) -> dict[str, Any]:
+        return {**model_config(self.setup), "kind": "encoder", "method": self.method}
+
+    def outputs_exist(self) -> bool:
+        return (self.out / "encoder.pt").is_file()
+
+    def build(self) -> nn.Module:
+        # random init: the encoder is learnt from these images only (model.weights unused)
+        mp = self.setup.model.model_copy(update={"weights": None})
+        self.seg = model_from_params(mp, self.setup.num_classes)
+        pp = self.pp
+        return build_mae(
+            self.seg, self.method, mp.in_channels, pp.patch_size, pp.decoder_dim, pp.decoder_depth
         )
-        if progress:
-            tqdm.write(f"mae epoch {epoch}: step {step}, loss {rec_['loss']:.4f}, {elapsed():.0f}s")
-        for cb in callbacks or []:
-            cb(rec_)
-    result = PretrainResult(
-        out, method, step, epoch, elapsed(), len(paths), history, trained=step > start_step
-    )
-    png = reconstruction_grid(mae, paths, params, pp.reconstructions, params.seed)
-    if png is not None:
-        atomic_write_bytes(result.reconstructions, png)
-    atomic_write_json(out / "pretrain_metrics.json", result.summary())
-    return result
+
+    def on_train_start(self, loop: Loop) -> None:
+        pp = self.pp
+        tiles = UnlabeledTiles(
+            self.paths, pp.tile_size, pp.steps_per_epoch * pp.batch_size, self.seed
+        )
+        self.loader = loop.loader(MaskedTiles(tiles, pp.patch_size, pp.mask_ratio), pp.batch_size)
+
+    def batches(self, loop: Loop, epoch: int):
+        self.loader.sampler.set_epoch(epoch)
+        return self.loader
+
+    def train_step(self, loop: Loop, module: nn.Module, batch: Any):
+        x, mask = loop.to_device(batch[0]), batch[1].to(loop.rt.device)
+        rec = module(x, mask)
+        target = x.expand(-1, rec.shape[1], -1, -1)
+        return masked_patch_loss(rec, target, mask, self.pp.patch_size, self.pp.norm_pix_loss), {}
+
+    def on_epoch_end(self, loop: Loop, rec: dict[str, Any]) -> None:
+        if isinstance(loop.model, CnnMae):
+            batches = [loop.to_device(x) for (x, _), _ in zip(self.loader, range(8), strict=False)]
+            loop.model.recalibrate_bn(batches)
+        return None
+
+    def save_outputs(self, loop: Loop, rec: dict[str, Any]) -> None:
+        # the encoder first: a run killed in between resumes and rewrites both
+        meta = {"epoch": loop.epoch, "step": loop.step}
+        save_checkpoint(self.out / "encoder.pt", self.seg.encoder, {**self.config(), **meta})
+
+    def summarize(self, result: RunResult) -> None:
+        result.info.update(method=self.method, images=len(self.paths))
+        result.best_score = float("nan")
+
+    def on_train_end(self, loop: Loop, result: RunResult) -> None:
+        pp = self.pp
+        png = reconstruction_grid(loop.model, self.paths, pp, pp.reconstructions, self.seed)
+        if png is not None:
+            atomic_write_bytes(result.reconstructions, png)
+        atomic_write_json(self.out / "pretrain_metrics.json", pretrain_summary(result))
+
+
+def pretrain_summary(result: RunResult) -> dict[str, Any]:
+    return {
+        "method": result.method,
+        "steps": result.steps,
+        "epochs": result.epochs,
+        "seconds": round(result.seconds, 1),
+        "images": result.images,
+        "final_loss": result.history[-1]["loss"] if result.history else None,
+        "history": result.history,
+    }
+
+
+def pretrain_mae(
+    setup: PretrainSetup,
+    index: dict[str, Any],
+    callbacks: list[EpochCallback] | None = None,
+    progress: bool = True,
+) -> RunResult:
+    """MAE pretraining within ``pretrain.max_steps`` (or epochs x steps_per_epoch) and
+    ``pretrain.budget_s``; a finished run with the same settings and images trains nothing."""
+    return run_task(MaeTask(setup, index), callbacks, progress)
+
+
+def pretrain_is_finished(setup: PretrainSetup, index: dict[str, Any]) -> bool:
+    """True when ``pretrain_mae`` with these arguments would train nothing."""
+    return task_is_finished(MaeTask(setup, index))

@@ -71,3 +71,21 @@ def strong_augment(
 def ramp(step: int, rampup_steps: int) -> float:
     """Linear 0 -> 1 over ``rampup_steps`` (1 when there is no ramp)."""
     return 1.0 if rampup_steps <= 0 else min(1.0, (step + 1) / rampup_steps)
+
+
+class WeakStrongPairs(torch.utils.data.Dataset):
+    """(weak, strong) views of each unlabelled tile: the weak one (flips and turns) gives
+    the pseudo-label, the strong one is trained on. The strong view is drawn from the
+    item's own generator, so it is made in the DataLoader worker, off the model's path."""
+
+    def __init__(self, tiles, strength: float, cutout: float) -> None:
+        self.tiles, self.strength, self.cutout = tiles, strength, cutout
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        weak = self.tiles[index]
+        seed = int(self.tiles.generator(index, salt=13).integers(2**62))
+        g = torch.Generator().manual_seed(seed)
+        return weak, strong_augment(weak[None], self.strength, self.cutout, g)[0]

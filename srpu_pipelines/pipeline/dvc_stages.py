@@ -15,8 +15,8 @@ from typing import Any
 import yaml
 
 from srpu_pipelines.config import Params
-from srpu_pipelines.io_utils import atomic_write_bytes
-from srpu_pipelines.steps import (
+from srpu_pipelines.io.files import atomic_write_bytes
+from srpu_pipelines.pipeline.steps import (
     final_dir,
     mae_record_path,
     stage_asset_name,
@@ -79,9 +79,10 @@ def dvc_stages(params: Params) -> dict[str, Any]:
                 idx,
                 "srpu_pipelines/training/mae.py",
                 "srpu_pipelines/training/pretrain.py",
-                "srpu_pipelines/training/losses.py",
+                "srpu_pipelines/training/loop.py",
                 "srpu_pipelines/data/pool.py",
                 "srpu_pipelines/models",
+                "srpu_pipelines/compute",
             ],
             "params": ["seed", "classes", "model", "pretrain", "tracking"],
             "outs": [
@@ -100,6 +101,7 @@ def dvc_stages(params: Params) -> dict[str, Any]:
             idx,
             "srpu_pipelines/training",
             "srpu_pipelines/models",
+            "srpu_pipelines/compute",
             "srpu_pipelines/data/dataset.py",
             "srpu_pipelines/data/pool.py",
         ]

@@ -13,8 +13,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from srpu_pipelines.compute.distributed import is_main_process
 from srpu_pipelines.config import Params
-from srpu_pipelines.io_utils import atomic_write_json, read_json, sha256_file
+from srpu_pipelines.io.files import atomic_write_json, read_json, sha256_file
 from srpu_pipelines.resources.tracking import ModelVersion, Tracker, flat_metrics
 
 log = logging.getLogger(__name__)
@@ -78,26 +79,27 @@ def run_index(params: Params, progress: bool = True) -> dict[str, Any]:
     return {"index": idx, "changed": changed, "revision": data_revision(params.data.index_path)}
 
 
-def run_pretrain(
-    params: Params, tracker: Tracker | None, progress: bool = True, **kw: Any
-) -> dict[str, Any]:
+def run_pretrain(params: Params, tracker: Tracker | None, progress: bool = True) -> dict[str, Any]:
     """MAE pretraining of the encoder inside a tracked run (loss per epoch, the encoder
     checkpoint and the reconstruction pictures). Re-running with nothing changed trains
-    nothing and starts no run."""
+    nothing and starts no run. Budgets: ``pretrain.max_steps`` / ``pretrain.budget_s``."""
+    from srpu_pipelines.config import pretrain_setup
     from srpu_pipelines.data.index import load_index
-    from srpu_pipelines.training.pretrain import pretrain_is_finished, pretrain_mae
+    from srpu_pipelines.training.loop import run_task, task_is_finished
+    from srpu_pipelines.training.pretrain import MaeTask
 
-    index = load_index(params.data.index_path)
+    task = MaeTask(pretrain_setup(params), load_index(params.data.index_path))
     rec_path = mae_record_path(params)
     enc = Path(params.pretrain.out_dir) / "encoder.pt"
+    if not is_main_process():  # a data-parallel worker: rank 0 tracks and records
+        return {"result": run_task(task, progress=False), "record": None}
     if tracker is None:
         rec_path.unlink(missing_ok=True)
-        return {"result": pretrain_mae(params, index, progress=progress, **kw), "record": None}
-    if rec_path.is_file() and pretrain_is_finished(params, index, **kw):
+        return {"result": run_task(task, progress=progress), "record": None}
+    if rec_path.is_file() and task_is_finished(task):
         record = read_json(rec_path)
         if record.get("encoder_sha256") == sha256_file(enc):
-            res = pretrain_mae(params, index, progress=progress, **kw)  # returns at once
-            return {"result": res, "record": record}
+            return {"result": run_task(task, progress=progress), "record": record}  # at once
     rec_path.unlink(missing_ok=True)
     tags = {
         "srpu.stage": "mae_encoder",
@@ -108,7 +110,7 @@ def run_pretrain(
         def log_epoch(rec: dict[str, Any]) -> None:
             tracker.log_metrics({"mae_loss": rec["loss"], "lr": rec["lr"]}, step=rec["epoch"])
 
-        res = pretrain_mae(params, index, progress=progress, callbacks=[log_epoch], **kw)
+        res = run_task(task, callbacks=[log_epoch], progress=progress)
         for f in (res.encoder_checkpoint, res.encoder_checkpoint.with_suffix(".json")):
             tracker.log_artifact(f, "encoder")
         tracker.log_artifact(res.out_dir / "pretrain_metrics.json")
@@ -160,22 +162,50 @@ def resolve_init(
 
 
 def run_train(
-    params: Params,
-    tracker: Tracker | None,
-    progress: bool = True,
-    stage: str | None = None,
-    **train_kw: Any,
+    params: Params, tracker: Tracker | None, progress: bool = True, stage: str | None = None
 ) -> dict[str, Any]:
     """Train every stage in order (or only ``stage``); returns the last one's outcome."""
     names = [stage] if stage else [s.name for s in params.stages]
     out: dict[str, Any] = {}
     for name in names:
-        out = run_stage(params, tracker, name, progress=progress, **train_kw)
+        out = run_stage(params, tracker, name, progress=progress)
     return out
 
 
+def stage_task(params: Params, name: str, tracker: Tracker | None):
+    """The loop task of stage ``name``: its sections of params, the index, its start."""
+    from srpu_pipelines.config import stage_setup
+    from srpu_pipelines.data.index import load_index
+    from srpu_pipelines.training.trainer import StageTask
+
+    init, require = resolve_init(params, name, tracker)
+    # with a registry every finished model is kept there, so a changed stage may start
+    # over in its folder; a data-parallel worker (no tracker of its own) does as rank 0
+    restart = tracker is not None or (not is_main_process() and params.tracking.enabled)
+    return StageTask(
+        stage_setup(params, name),
+        load_index(params.data.index_path),
+        init_weights=init,
+        init_require=require,
+        restart_on_change=restart,
+    )
+
+
+def _log_epoch(tracker: Tracker):
+    def log_epoch(rec: dict[str, Any]) -> None:
+        m = {"train_loss": rec["train_loss"], "lr": rec["lr"]}
+        for k in ("unlabeled_loss", "confident_share"):
+            if k in rec:
+                m[k] = rec[k]
+        if "val_miou" in rec:
+            m.update(flat_metrics("val_", {"miou": rec["val_miou"], "iou": rec["val_iou"]}))
+        tracker.log_metrics(m, step=rec["epoch"])
+
+    return log_epoch
+
+
 def run_stage(
-    params: Params, tracker: Tracker | None, name: str, progress: bool = True, **train_kw: Any
+    params: Params, tracker: Tracker | None, name: str, progress: bool = True
 ) -> dict[str, Any]:
     """Train stage ``name`` inside a tracked run of its own. The final stage's best
     checkpoint is registered as ``challenger``; earlier stages hand over by file.
@@ -185,32 +215,23 @@ def run_stage(
     over (its earlier run stays in MLflow). The record (``model_version.json`` in the
     stage folder) names the run, the registered version (final stage only) and the
     checkpoint's hash, so later steps log only about the checkpoint it describes.
+    In a data-parallel run only rank 0 tracks, registers and writes the record.
     """
-    from srpu_pipelines.data.index import load_index
-    from srpu_pipelines.training.trainer import is_finished, train_stage
+    from srpu_pipelines.training.loop import run_task, task_is_finished
 
+    main = is_main_process()
+    task = stage_task(params, name, tracker)
     sp = stage_params(params, name)
-    final = name == final_stage(params)
-    index = load_index(params.data.index_path)
-    if "init_weights" not in train_kw:
-        init, require = resolve_init(params, name, tracker)
-        if init is not None:
-            train_kw = {**train_kw, "init_weights": init, "init_require": require}
     record_path = model_record_path(params, name)
-    if tracker is None:
-        record_path.unlink(missing_ok=True)  # it would describe a checkpoint about to change
-        res = train_stage(sp, index, progress=progress, **train_kw)
+    if not main or tracker is None:
+        if main:
+            record_path.unlink(missing_ok=True)  # it would describe a checkpoint to change
+        res = run_task(task, progress=progress and main)
         return {"result": res, "version": None, "record": None, "stage": name}
-    kw = {
-        k: train_kw[k]
-        for k in ("out_dir", "init_weights", "max_steps", "budget_s")
-        if k in train_kw
-    }
-    if record_path.is_file() and is_finished(sp, index, **kw):
+    if record_path.is_file() and task_is_finished(task):
         record = read_json(record_path)
-        best = Path(sp.train.out_dir) / "best.pt"
-        if record.get("checkpoint_sha256") == sha256_file(best):
-            res = train_stage(sp, index, progress=progress, **train_kw)  # returns at once
+        if record.get("checkpoint_sha256") == sha256_file(task.out / "best.pt"):
+            res = run_task(task, progress=progress)  # returns at once
             mv = None
             if record.get("version") is not None:
                 mv = ModelVersion(
@@ -220,40 +241,15 @@ def run_stage(
     record_path.unlink(missing_ok=True)
     rev = data_revision(params.data.index_path)
     tags = {"srpu.stage": name, "srpu.data_revision": rev, "srpu.init": params.stage(name).init}
-    run_params = {**sp.resolved(), "stage": name}
-    with tracker.start_run(f"train_{name}", run_params, tags) as run_id:
-
-        def log_epoch(rec: dict[str, Any]) -> None:
-            m = {"train_loss": rec["train_loss"], "lr": rec["lr"]}
-            for k in ("unlabeled_loss", "confident_share"):
-                if k in rec:
-                    m[k] = rec[k]
-            if "val_miou" in rec:
-                m.update(flat_metrics("val_", {"miou": rec["val_miou"], "iou": rec["val_iou"]}))
-            tracker.log_metrics(m, step=rec["epoch"])
-
-        res = train_stage(
-            sp,
-            index,
-            progress=progress,
-            callbacks=[log_epoch],
-            restart_on_change=True,
-            **train_kw,
-        )
-        tracker.log_artifact(res.best_checkpoint, "checkpoint")
-        tracker.log_artifact(res.best_checkpoint.with_suffix(".json"), "checkpoint")
+    with tracker.start_run(f"train_{name}", {**sp.resolved(), "stage": name}, tags) as run_id:
+        res = run_task(task, callbacks=[_log_epoch(tracker)], progress=progress)
+        for f in (res.best_checkpoint, res.best_checkpoint.with_suffix(".json")):
+            tracker.log_artifact(f, "checkpoint")
         tracker.log_artifact(res.out_dir / "train_metrics.json")
         mv = None
-        if final:
-            mv = tracker.log_model(
-                res.best_checkpoint,
-                {
-                    "val_miou": str(res.best_miou),
-                    "data_revision": rev,
-                    "val_split": sp.train.val_split,
-                    "stage": name,
-                },
-            )
+        if name == final_stage(params):
+            meta = {"data_revision": rev, "val_split": sp.train.val_split, "stage": name}
+            mv = tracker.log_model(res.best_checkpoint, {"val_miou": str(res.best_miou), **meta})
             tracker.set_alias(CHALLENGER, mv.version)
     record = {
         "run_id": run_id,

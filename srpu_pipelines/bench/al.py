@@ -26,13 +26,13 @@ from srpu_pipelines.active_learning.scoring import score_pool
 from srpu_pipelines.active_learning.selection import candidates, select
 from srpu_pipelines.active_learning.uncertainty import tile_grid
 from srpu_pipelines.analysis.evaluate import evaluate_checkpoint
-from srpu_pipelines.bench import _drop_weights, _spread, subset_index
+from srpu_pipelines.bench.common import drop_weights, run_setup, spread, subset_index
 from srpu_pipelines.config import Params
 from srpu_pipelines.data.discovery import tile_name
 from srpu_pipelines.data.imageio import read_raw
 from srpu_pipelines.data.index import build_index, select_items
 from srpu_pipelines.data.masks import MaskCodec, class_fractions
-from srpu_pipelines.io_utils import atomic_write_json, atomic_write_with, read_json, sha256_file
+from srpu_pipelines.io.files import atomic_write_json, atomic_write_with, read_json, sha256_file
 from srpu_pipelines.training.trainer import train_stage
 
 
@@ -140,13 +140,10 @@ def bench_al(
             shutil.rmtree(out)
         idx = _round_index(base, tiles, labeled)
         res = train_stage(
-            p,
+            run_setup(p, out, budget_s * n_steps / steps if budget_s else None, n_steps),
             idx,
-            out_dir=out,
             init_weights=init,
             init_require="model" if init else None,
-            max_steps=n_steps,
-            budget_s=budget_s * n_steps / steps if budget_s else None,
             progress=False,
         )
         m = evaluate_checkpoint(
@@ -187,7 +184,7 @@ def bench_al(
         if m0 is None or not ckpt0.is_file():
             res0, _, m0 = train_eval(p0, start, sd / "r0", None, steps)
             ckpt0 = res0.best_checkpoint
-            _drop_weights(ckpt0.parent, keep=ckpt0.name)  # every arm starts from it
+            drop_weights(ckpt0.parent, keep=ckpt0.name)  # every arm starts from it
             keep(sd / "r0" / "r0.json", seed, {"miou": m0["miou"], "iou": m0["iou"]})
         bar.update()
         for arm in arms:
@@ -219,9 +216,9 @@ def bench_al(
                 labeled |= set(picks)
                 res, _, m = train_eval(p, labeled, sd / arm / f"r{r}", ckpt, steps)
                 if ckpt != ckpt0:
-                    _drop_weights(ckpt.parent)  # the next round starts from this one
+                    drop_weights(ckpt.parent)  # the next round starts from this one
                 ckpt = res.best_checkpoint
-                _drop_weights(ckpt.parent, keep=ckpt.name)
+                drop_weights(ckpt.parent, keep=ckpt.name)
                 curve.append(
                     {
                         "labeled": len(labeled),
@@ -234,7 +231,7 @@ def bench_al(
             runs.append({"seed": seed, "arm": arm, "curve": curve})
             keep(sd / arm / "curve.json", seed, {"curve": curve})
             if ckpt != ckpt0:
-                _drop_weights(ckpt.parent)
+                drop_weights(ckpt.parent)
         # every tile labelled, as many steps as the whole simulated run trained
         done = cached(sd / "full" / "full.json", seed)
         if done is None:
@@ -243,7 +240,7 @@ def bench_al(
             )
             done = {"miou": mf["miou"]}
             keep(sd / "full" / "full.json", seed, done)
-            _drop_weights(sd / "full")
+            drop_weights(sd / "full")
         full_ref.append(done["miou"])
         bar.update()
     bar.close()
@@ -260,7 +257,7 @@ def bench_al(
             need.append(hit[0] if hit else None)
         xs = [c["labeled"] for c in rs[0]["curve"]]
         table[arm] = {
-            "auc": _spread(aucs),
+            "auc": spread(aucs),
             "aucs": [round(a, 4) for a in aucs],
             "labels_to_95pct_full": need,
             "curve_mean": [
@@ -283,7 +280,7 @@ def bench_al(
         "rounds": rounds,
         "steps_per_round": steps,
         "budget_s_per_round": budget_s,
-        "full_label_miou": _spread(full_ref),
+        "full_label_miou": spread(full_ref),
         "arms": table,
         "runs": runs,
     }

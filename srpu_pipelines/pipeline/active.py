@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 
 from srpu_pipelines.config import Params
-from srpu_pipelines.io_utils import sha256_file_cached
+from srpu_pipelines.io.files import sha256_file_cached
+from srpu_pipelines.pipeline.steps import CHAMPION, final_dir
 from srpu_pipelines.resources.tracking import Tracker
-from srpu_pipelines.steps import CHAMPION, final_dir
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def run_record_round(
         round_folders,
     )
     from srpu_pipelines.data.index import load_index
-    from srpu_pipelines.io_utils import read_json
+    from srpu_pipelines.io.files import read_json
 
     history = read_history(params)
     index = load_index(params.data.index_path)

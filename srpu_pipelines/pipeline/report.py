@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 from srpu_pipelines.config import load_params
-from srpu_pipelines.io_utils import read_json
+from srpu_pipelines.io.files import read_json
+from srpu_pipelines.pipeline.steps import CHAMPION
 from srpu_pipelines.resources.tracking import MlflowTracker
-from srpu_pipelines.steps import CHAMPION
 
 
 def main(params_path: str = "params.yaml") -> int:
