@@ -53,6 +53,12 @@ def _tracker(params: Params):
     return MlflowTracker(params.tracking)
 
 
+def _text(value: object) -> str:
+    """A flag's value as a YAML string: an override value is read as YAML, where
+    ``runs #2`` would lose its end and ``2023`` or ``yes`` would stop being text."""
+    return json.dumps(str(value))
+
+
 def _stage_indices(params: Params, stage: str | None) -> list[int]:
     if stage is None:
         return list(range(len(params.stages)))
@@ -65,11 +71,12 @@ def train_aliases(args: argparse.Namespace, params: Params) -> list[str]:
     ``train:`` keys win over ``--set train.KEY``, so budgets go to the stages."""
     out = []
     if args.out:
-        out.append(f"train.out_dir={args.out}")
+        out.append(f"train.out_dir={_text(args.out)}")
     if args.init:
         if not args.stage and len(params.stages) > 1:
             raise ParamsError("--init applies to one stage: give --stage NAME as well")
-        out += [f"stages.{i}.init=file:{args.init}" for i in _stage_indices(params, args.stage)]
+        init = _text(f"file:{args.init}")
+        out += [f"stages.{i}.init={init}" for i in _stage_indices(params, args.stage)]
     for flag, key in ((args.budget_s, "budget_s"), (args.steps, "max_steps")):
         if flag is not None:
             out += [f"stages.{i}.train.{key}={flag}" for i in _stage_indices(params, args.stage)]
@@ -90,7 +97,7 @@ def section_aliases(section: str, flags: dict[str, str]):
 
     def aliases(args: argparse.Namespace, params: Params) -> list[str]:
         return [
-            f"{section}.{key}={getattr(args, attr)}"
+            f"{section}.{key}={_text(getattr(args, attr))}"
             for attr, key in flags.items()
             if getattr(args, attr, None) is not None
         ]

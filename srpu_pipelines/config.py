@@ -216,6 +216,11 @@ class LoopParams(_Strict):
         "where a worker takes a core from the model, else up to 4)",
     )
     threads: int = Field(default=0, ge=0, description="torch threads; 0 = all cores")
+    sync_bn: Switch = Field(
+        default="auto",
+        description="with several GPU processes, BatchNorm statistics over the global batch "
+        "(auto: on there; CPU processes keep their own, SyncBatchNorm runs on GPUs only)",
+    )
     checkpoint_every_s: float = Field(
         default=30,
         ge=0,

@@ -97,10 +97,16 @@ def test_train_flags_are_set_overrides_of_the_stage(tmp_path, capsys):
 
 
 def test_train_in_two_data_parallel_processes(tmp_path):
-    """`srpu train --nproc 2`: torchrun, gloo on 127.0.0.1, rank 0 alone writes."""
+    """`srpu train --nproc 2` of two stages with tracking on: torchrun, gloo on 127.0.0.1,
+    one process group for both stages, rank 0 alone writes, logs and registers."""
     pf = tmp_path / "params.yaml"
     d = tiny_params_dict(tmp_path)
     d["train"]["threads"] = 1
+    d["tracking"]["enabled"] = True
+    d["stages"] = [
+        {"name": "first", "train": {"epochs": 1}},
+        {"name": "second", "init": "previous", "train": {"encoder": "differential"}},
+    ]
     pf.write_text(yaml.safe_dump(d))
     base = [sys.executable, "-m", "srpu_pipelines.cli", "-q", "--params", str(pf)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -110,6 +116,18 @@ def test_train_in_two_data_parallel_processes(tmp_path):
         [*base, "train", "--nproc", "2"], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "in 2 processes" in out.stdout and out.stdout.count("stage train:") == 1
-    run = tmp_path / "out/train/train"
-    assert (run / "best.pt").is_file() and (run / "train_metrics.json").is_file()
+    assert out.stdout.count("in 2 processes") == 1 and "stage second:" in out.stdout
+    assert out.stdout.count("registered") == 1  # rank 0 registered the final stage once
+    for stage in ("first", "second"):
+        run = tmp_path / "out/train" / stage
+        assert (run / "best.pt").is_file() and (run / "model_version.json").is_file()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns/mlflow.db'}")
+    assert len(client.search_model_versions("name='srpu-segmenter'")) == 1
+    # run again: both stages are done, nothing trains or registers
+    again = subprocess.run(
+        [*base, "train", "--nproc", "2"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert again.returncode == 0 and "up to date" in again.stdout, again.stderr[-2000:]
+    assert len(client.search_model_versions("name='srpu-segmenter'")) == 1

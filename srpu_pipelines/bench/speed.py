@@ -185,7 +185,9 @@ def bench_speed(
     host = _host(rt)
     peak = host["peak_gflops"]
     models = {"default": p.model, "light": light_model(p.model)}
-    flops: dict[str, int] = {}
+    flops = {
+        a: _count_flops(p, models[a], index, work_dir / f"flops_{a}") for a in arms if a in models
+    }
     peer_data = None
     if "peer" in arms:
         if peer_script is None or not peer_script.is_file():
@@ -199,8 +201,9 @@ def bench_speed(
                 r = _run_peer(peer_script, peer_data, p.num_classes, steps, budget_s, seed)
                 row = _row(arm, seed, r["steps"], r["train_s"], PEER_BATCH, flops[arm], peak)
             else:
-                row = _stage_row(p, arm, models[arm], seed, steps, budget_s, work_dir, peak)
-                flops[arm] = row.pop("step_flops")
+                row = _stage_row(
+                    p, arm, models[arm], seed, steps, budget_s, work_dir, flops[arm], peak
+                )
             rows.append(row)
             if progress:
                 print(json.dumps(row), file=sys.stderr, flush=True)
@@ -241,21 +244,33 @@ def bench_speed(
     }
 
 
-def _stage_row(p, arm, model_p, seed, steps, budget_s, work_dir, peak) -> dict[str, Any]:
-    """One whole training run of the arm, its first step's FLOPs counted on the way."""
+def _arm_setup(p: Params, model_p: ModelParams, seed: int, out: Path, budget_s, steps: int):
     q = p.model_copy(deep=True)
     q.seed, q.model = seed, model_p
     q.train.encoder, q.train.semi.enabled = "full", False
-    out = work_dir / "runs" / f"{arm}_seed{seed}"
     shutil.rmtree(out, ignore_errors=True)
-    setup = run_setup(q, out, budget_s, steps)
-    index = json.loads(Path(q.data.index_path).read_text())
-    t = time.perf_counter()
+    return run_setup(q, out, budget_s, steps)
+
+
+def _count_flops(p: Params, model_p: ModelParams, index: dict, out: Path) -> int:
+    """Model FLOPs of one eager step of the arm's training (counted apart from the timed
+    runs: the flop counter does not see inside compiled code, and costs time itself)."""
+    setup = _arm_setup(p, model_p, 0, out, None, 1)
+    setup.train.compile = "off"
     res = run_task(StageTask(setup, index), progress=False, count_flops=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return int(res.info["step_flops"])
+
+
+def _stage_row(p, arm, model_p, seed, steps, budget_s, work_dir, flops, peak) -> dict[str, Any]:
+    """One whole training run of the arm (data, validation, checkpoints in the clock)."""
+    out = work_dir / "runs" / f"{arm}_seed{seed}"
+    setup = _arm_setup(p, model_p, seed, out, budget_s, steps)
+    index = json.loads(Path(p.data.index_path).read_text())
+    t = time.perf_counter()
+    res = run_task(StageTask(setup, index), progress=False)
     wall = time.perf_counter() - t
-    flops = res.info["step_flops"]
-    row = _row(arm, seed, res.steps, wall, q.train.batch_size, flops, peak)
-    row["step_flops"] = flops
+    row = _row(arm, seed, res.steps, wall, p.train.batch_size, flops, peak)
     row["validation_s"] = res.info.get("validation_seconds")
     row["val_miou"] = round(res.best_miou, 4)
     for f in out.glob("*.pt"):

@@ -8,6 +8,8 @@ logs to MLflow and registers models.
 
 from __future__ import annotations
 
+import atexit
+import datetime
 import os
 import socket
 import sys
@@ -46,24 +48,44 @@ def is_main_process() -> bool:
     return from_env().is_main
 
 
+# how long a process waits in a collective for the others: rank 0 validates and writes
+# checkpoints while the others wait (a large validation set on a CPU takes minutes)
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
+
+
 def init(d: Dist, device: torch.device) -> None:
-    """Join the process group (once): NCCL when this process trains on a GPU, else gloo."""
+    """Join the process group, once per process (every stage of a run shares it; it is
+    left at exit): NCCL when this process trains on a GPU, else gloo."""
     if not d.active or tdist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    tdist.init_process_group(backend=backend, init_method="env://")
+    tdist.init_process_group(backend=backend, init_method="env://", timeout=COLLECTIVE_TIMEOUT)
+    atexit.register(_leave)
 
 
-def reduce_step(loss: float, stop: bool, d: Dist, device: torch.device) -> tuple[float, bool]:
-    """The mean loss over processes and whether any process wants to stop (rank 0's clock
-    decides a time budget, so every process stops at the same step)."""
+def _leave() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def any_flag(flag: bool, d: Dist, device: torch.device) -> bool:
+    """True on every process when it is True on any (e.g. over its time budget)."""
     if not d.active:
-        return loss, stop
-    t = torch.tensor([loss, 1.0 if stop else 0.0], dtype=torch.float64, device=device)
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
     tdist.all_reduce(t)
-    return float(t[0]) / d.world, bool(t[1] > 0)
+    return bool(t[0] > 0)
+
+
+def mean_over_processes(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """The element-wise mean of ``t`` over the processes (``t`` itself when alone)."""
+    if not d.active:
+        return t
+    t = t.clone()
+    tdist.all_reduce(t)
+    return t / d.world
 
 
 def broadcast_flag(flag: bool, d: Dist, device: torch.device) -> bool:
@@ -78,12 +100,6 @@ def broadcast_flag(flag: bool, d: Dist, device: torch.device) -> bool:
 def barrier(d: Dist) -> None:
     if d.active and tdist.is_initialized():
         tdist.barrier()
-
-
-def shutdown(d: Dist) -> None:
-    if d.active and tdist.is_initialized():
-        tdist.barrier()
-        tdist.destroy_process_group()
 
 
 def free_port() -> int:

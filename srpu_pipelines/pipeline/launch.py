@@ -9,6 +9,7 @@ the stage's record as a one-process run would.
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 from pathlib import Path
@@ -32,7 +33,7 @@ def pinned_inits(params: Params, tracker: Tracker | None, stages: list[str]) -> 
                     "(tracking.enabled: true)"
                 )
             path = tracker.fetch_checkpoint(st.init_arg, Path(params.predict.models_cache))
-            out.append(f"stages.{i}.init=file:{path}")
+            out.append(f"stages.{i}.init={json.dumps(f'file:{path}')}")  # YAML-safe text
     return out
 
 

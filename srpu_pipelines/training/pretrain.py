@@ -144,6 +144,7 @@ class MaeTask(Task):
                 f"{pp.splits} select none in the index)"
             )
         self.hashes = image_hashes(index)
+        self.find_unused_parameters = self.method == "vit"
 
     def fingerprint(self) -> str:
         pp = self.pp.model_dump(mode="json", exclude=EXECUTION_KEYS | {"reconstructions"})

@@ -18,7 +18,7 @@ def fixmatch_loss(
     probs_weak: torch.Tensor,
     threshold: float,
     class_balance: bool = False,
-) -> tuple[torch.Tensor, float]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy on confident pixels, averaged over all pixels (FixMatch's scaling:
     the loss grows as the model becomes confident on more of the pool).
 
@@ -27,7 +27,8 @@ def fixmatch_loss(
     on which the model is confident first, cannot drown a rare one.
 
     logits_strong (N, C, H, W) with grad; probs_weak (N, C, H, W) without. Returns the loss
-    (exactly 0, still differentiable, when no pixel is confident) and the confident share.
+    (exactly 0, still differentiable, when no pixel is confident) and the confident share
+    (a 0-d tensor).
     """
     conf, pseudo = probs_weak.detach().max(1)
     keep = (conf >= threshold).float()
@@ -38,7 +39,7 @@ def fixmatch_loss(
         w_class[present] = counts.sum() / (present.sum() * counts[present])
         keep = keep * w_class[pseudo]
     ce = F.cross_entropy(logits_strong.float(), pseudo, reduction="none")
-    return (ce * keep).mean(), float((conf >= threshold).float().mean())
+    return (ce * keep).mean(), (conf >= threshold).float().mean().detach()
 
 
 def strong_augment(

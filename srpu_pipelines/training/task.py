@@ -35,6 +35,7 @@ EXECUTION_KEYS = {
     "compile",
     "workers",
     "checkpoint_every_s",
+    "sync_bn",
 }
 
 
@@ -125,6 +126,9 @@ class Task:
     kind = "training"  # names the run in log lines and errors
     restart_on_change = False  # a last.pt of other settings: start over (else an error)
     betas = (0.9, 0.999)
+    # data-parallel: does the module hold parameters a step never uses (e.g. a timm ViT's
+    # unused parts)? DDP then looks for them every step, which costs time
+    find_unused_parameters = False
 
     def __init__(self, lp: LoopParams, seed: int) -> None:
         self.lp, self.seed = lp, seed

@@ -30,9 +30,9 @@ from srpu_pipelines.data.dataset import Sample, TileSampler, load_samples
 from srpu_pipelines.data.index import image_hashes, select_items
 from srpu_pipelines.data.masks import MaskCodec
 from srpu_pipelines.data.pool import UnlabeledTiles, unlabeled_paths
-from srpu_pipelines.io.files import atomic_write_json, read_json, sha256_file
-from srpu_pipelines.models.checkpoint import model_config, save_checkpoint
-from srpu_pipelines.models.factory import load_weights, model_from_params
+from srpu_pipelines.io.files import atomic_write_json, sha256_file
+from srpu_pipelines.models.checkpoint import model_config, read_checkpoint, save_checkpoint
+from srpu_pipelines.models.factory import is_vit_encoder, load_weights, model_from_params
 from srpu_pipelines.training.loop import (
     EXECUTION_KEYS,
     EpochCallback,
@@ -116,8 +116,10 @@ class StageTask(Task):
             raise ValueError(f"train.splits {tp.splits}: no labelled images in these splits{where}")
         init = init_weights or setup.model.weights
         self.init = str(init) if init else None
+        self.find_unused_parameters = is_vit_encoder(setup.model.encoder)
         self.val_seconds = 0.0
         self._best: tuple[dict[str, Any], dict[str, Any]] | None = None  # not yet on disk
+        self._fingerprint: str | None = None
 
     def _semi_paths(self) -> list[str]:
         sp, tp = self.tp.semi, self.tp
@@ -141,7 +143,8 @@ class StageTask(Task):
             "val_data": [(i["id"], i["image_sha256"], i["mask_sha256"]) for i in self.val_items],
             "unlabeled": [hashes.get(p, p) for p in self._semi_paths()] if tp.semi.enabled else [],
         }
-        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+        self._fingerprint = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+        return self._fingerprint
 
     def config(self) -> dict[str, Any]:
         return model_config(self.setup)
@@ -160,11 +163,14 @@ class StageTask(Task):
         (self.out / "best.json").unlink(missing_ok=True)  # its score belongs to the old run
 
     def recover_best(self, best: float, epoch: int) -> tuple[float, int]:
-        # best.pt is written before last.pt: a run killed between the two has a newer best
-        best_cfg = self.out / "best.json"
-        if best_cfg.is_file():
-            saved = read_json(best_cfg)
-            if float(saved.get("score", -math.inf)) > best:
+        # best.pt is written before last.pt: a run killed between the two has a newer best.
+        # Its score is read from the .pt itself (the .json beside it is written first, so
+        # a kill during the .pt write would otherwise vouch for weights not on disk)
+        path = self.out / "best.pt"
+        if path.is_file():
+            saved = read_checkpoint(path)[0].get("config", {})
+            mine = saved.get("fingerprint") == self._fingerprint  # not an earlier run's
+            if mine and float(saved.get("score", -math.inf)) > best:
                 return float(saved["score"]), int(saved["epoch"])
         return best, epoch
 
@@ -202,7 +208,7 @@ class StageTask(Task):
             tp.rare_crop_prob,
             self.seed,
         )
-        self.loaders = [loop.loader(tiles, tp.batch_size)]
+        self.loaders = [loop.loader(tiles, tp.batch_size, "train.batch_size")]
         sp = tp.semi
         if sp.enabled:
             ub = sp.batch_size or max(1, tp.batch_size // 2)
@@ -213,7 +219,8 @@ class StageTask(Task):
                 self.seed + 1,
                 f" (train.semi.include_labeled_splits {sp.include_labeled_splits})",
             )
-            self.loaders.append(loop.loader(WeakStrongPairs(unl, sp.strength, sp.cutout), ub))
+            pairs = WeakStrongPairs(unl, sp.strength, sp.cutout)
+            self.loaders.append(loop.loader(pairs, ub, "train.semi.batch_size"))
         self.loss_fn = SegLoss(tp.loss).to(loop.rt.device)
 
     def batches(self, loop: Loop, epoch: int):
@@ -231,7 +238,7 @@ class StageTask(Task):
         if len(self.loaders) == 1:
             x, y = loop.to_device(batch[0]), loop.to_device(batch[1])
             loss = self.loss_fn(module(x.expand(-1, ch, -1, -1)), y)
-            return loss, {"train_loss": float(loss.detach())}
+            return loss, {"train_loss": loss.detach()}  # a tensor: read at the epoch's end
         (x, y), (weak, strong) = batch
         x, y = loop.to_device(x), loop.to_device(y)
         weak, strong = loop.to_device(weak), loop.to_device(strong)
@@ -246,8 +253,8 @@ class StageTask(Task):
         loss_sup = self.loss_fn(logits, y)
         loss = loss_sup + sp.weight * ramp(loop.step, sp.rampup_steps) * loss_u
         return loss, {
-            "train_loss": float(loss_sup.detach()),  # comparable across runs
-            "unlabeled_loss": float(loss_u.detach()),
+            "train_loss": loss_sup.detach(),  # comparable across runs
+            "unlabeled_loss": loss_u.detach(),
             "confident_share": share,
         }
 
@@ -272,7 +279,12 @@ class StageTask(Task):
     def save_best(self, loop: Loop, rec: dict[str, Any]) -> None:
         # kept in memory and written with the next last.pt (save_outputs): the two on disk
         # always belong together, and a run writes weights only as often as it checkpoints
-        meta = {"epoch": loop.epoch, "step": loop.step, "val_miou": rec.get("val_miou")}
+        meta = {
+            "epoch": loop.epoch,
+            "step": loop.step,
+            "val_miou": rec.get("val_miou"),
+            "fingerprint": loop.fingerprint,
+        }
         weights = {k: v.detach().to("cpu", copy=True) for k, v in loop.model.state_dict().items()}
         self._best = (weights, {**self.config(), **meta, "score": loop.best})
 
