@@ -142,7 +142,7 @@ def score_probabilities(
     "maps": {base map name: (H, W)}}``; the maps are what heat maps are drawn from.
     """
     c, h, w = probs.shape
-    labels = probs.argmax(0).astype(np.int64)
+    labels = probs.argmax(0).astype(np.uint8)  # 1 byte a pixel: mosaics are large
     valid = np.ones((h, w), bool) if valid is None else valid
     bases = sorted({s.removeprefix("boundary_") for s in strategies})
     maps = {b: PIXEL_MAPS[b](probs, member_var) for b in bases}
