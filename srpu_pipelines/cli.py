@@ -197,7 +197,7 @@ def cmd_stages(params: Params, args: argparse.Namespace) -> int:
         tp = stage_params(params, st.name).train
         budget = f"{tp.total_steps} steps" + (f" or {tp.budget_s:.0f}s" if tp.budget_s else "")
         print(
-            f"{i + 1}. {st.name}: from {st.init}, encoder {tp.encoder}, lr {tp.lr:g}, {budget}, "
+            f"stages.{i} {st.name}: from {st.init}, encoder {tp.encoder}, lr {tp.lr:g}, {budget}, "
             f"splits {tp.splits}{', semi-supervised' if tp.semi.enabled else ''} -> {tp.out_dir}"
         )
     return 0
@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train the stages in order, or one (stages, train.*)",
         description="Train the stages of params.yaml in order, or one. A stage's own "
         "`train:` keys win over --set train.KEY=...; to change one stage, --set "
-        "stages.N.train.KEY=... (N from 0, as `srpu stages` lists them). The flags below "
+        "stages.N.train.KEY=... (`srpu stages` lists them with their N). The flags below "
         "are such overrides.",
     )
     p.add_argument("--stage", help="train only this stage (default: every stage in order)")

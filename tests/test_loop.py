@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from srpu_pipelines.compute.distributed import free_port
+from srpu_pipelines.compute.distributed import launch_command
 from srpu_pipelines.training.loop import EpochSampler, run_task
 from tests.conftest import ROOT
 from tests.loop_task import TinyTask, tiny_params
@@ -23,24 +23,12 @@ ENV = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHON
 def _run(tmp_path, name: str, batch: int, steps: int, nproc: int = 1, *extra: str):
     out = tmp_path / name / "losses.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    args = ["-m", "tests.loop_task", str(out), str(batch), str(steps), *extra]
-    if nproc > 1:
-        args = [
-            "-m",
-            "torch.distributed.run",
-            "--nnodes",
-            "1",
-            "--nproc-per-node",
-            str(nproc),
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            str(free_port()),
-            *args,
-        ]
-    proc = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
-    )
+    args = [str(out), str(batch), str(steps), *extra]
+    if nproc > 1:  # the command `srpu train --nproc` runs, on the test's worker module
+        cmd = launch_command(nproc, "tests.loop_task", args)
+    else:
+        cmd = [sys.executable, "-m", "tests.loop_task", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     result = json.loads(out.read_text()) if out.is_file() else None
     return proc, result
 

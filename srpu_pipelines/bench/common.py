@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from srpu_pipelines.config import Params, StageSetup, stage_setup
+from srpu_pipelines.config import DatasetSpec, Params, StageSetup, stage_setup
 
 UNBOUNDED = 10**9  # a step budget that never binds (the time budget does)
 
@@ -57,3 +57,29 @@ def subset_index(index: dict[str, Any], labeled_ids: set[str]) -> dict[str, Any]
         else:
             pool.append({k: it[k] for k in keys if k in it})
     return {**index, "items": items, "pool": pool}
+
+
+def on_demo_data(params: Params, work: Path, size: int | None = None) -> tuple[Params, dict]:
+    """``params`` on a fresh copy of the synthetic demo data in ``work`` (micrographs of
+    ``size`` px, default ``demo.size``), tracking off, and the index of that data."""
+    from srpu_pipelines.data.demo import generate_demo
+    from srpu_pipelines.data.index import build_index, write_index
+
+    p = params.model_copy(deep=True)
+    p.demo.out_dir = work / "data"
+    p.demo.size = size or p.demo.size
+    generate_demo(p)
+    p.data = p.data.model_copy(
+        update={
+            "datasets": [
+                DatasetSpec(name=n, labeled=work / "data/labeled" / n, raw=work / "data/raw" / n)
+                for n in p.demo.datasets
+            ],
+            "index_path": work / "index.json",
+        }
+    )
+    p = Params.model_validate(p.model_dump())
+    p.tracking.enabled = False
+    index = build_index(p, show_progress=False)
+    write_index(index, p.data.index_path)
+    return p, index

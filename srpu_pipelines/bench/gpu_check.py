@@ -37,12 +37,12 @@ import numpy as np
 import torch
 
 from srpu_pipelines.analysis.inference import predict_labels
+from srpu_pipelines.bench.common import on_demo_data
 from srpu_pipelines.compute import flops as F
 from srpu_pipelines.compute.device import Precision, resolve_runtime
-from srpu_pipelines.config import DatasetSpec, load_params, stage_setup
+from srpu_pipelines.config import load_params, stage_setup
 from srpu_pipelines.data.dataset import load_samples
-from srpu_pipelines.data.demo import generate_demo
-from srpu_pipelines.data.index import build_index, select_items
+from srpu_pipelines.data.index import select_items
 from srpu_pipelines.data.masks import MaskCodec
 from srpu_pipelines.models.checkpoint import load_model
 from srpu_pipelines.training.loop import run_task
@@ -52,22 +52,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _params(work: Path, device: str, size: int):
-    p = load_params(ROOT / "params.yaml")
-    p.demo.out_dir = work / "data"
-    p.demo.size = size
-    p.data = p.data.model_copy(
-        update={
-            "datasets": [
-                DatasetSpec(name=n, labeled=work / "data/labeled" / n, raw=work / "data/raw" / n)
-                for n in p.demo.datasets
-            ],
-            "index_path": work / "index.json",
-        }
-    )
-    p = type(p).model_validate(p.model_dump())
+    p, index = on_demo_data(load_params(ROOT / "params.yaml"), work, size)
     p.train.device = p.inference.device = device
-    p.tracking.enabled = False
-    return p
+    return p, index
 
 
 def _train(p, index, work: Path, name: str, steps: int, batch: int, tile: int) -> dict[str, Any]:
@@ -208,9 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="srpu-gpu-check-") as tmp:
         work = Path(tmp)
-        p = _params(work, a.device, size=a.size)
-        generate_demo(p)
-        index = build_index(p, show_progress=False)
+        p, index = _params(work, a.device, size=a.size)
         report: dict[str, Any] = {
             "torch": torch.__version__,
             "cuda": torch.version.cuda,

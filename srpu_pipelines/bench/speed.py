@@ -30,13 +30,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from srpu_pipelines.bench.common import run_setup, spread
+from srpu_pipelines.bench.common import on_demo_data, run_setup, spread
 from srpu_pipelines.compute import flops as F
 from srpu_pipelines.compute.device import Runtime, resolve_runtime, set_threads
-from srpu_pipelines.config import DatasetSpec, LoopParams, ModelParams, Params
-from srpu_pipelines.data.demo import generate_demo
+from srpu_pipelines.config import LoopParams, ModelParams, Params
 from srpu_pipelines.data.imageio import read_grey
-from srpu_pipelines.data.index import build_index, select_items, write_index
+from srpu_pipelines.data.index import select_items
 from srpu_pipelines.data.masks import MaskCodec
 from srpu_pipelines.training.loop import Task, run_task
 from srpu_pipelines.training.trainer import StageTask
@@ -103,27 +102,6 @@ def peer_step_flops(num_classes: int, work: Path) -> int:
     )
 
 
-def _demo(params: Params, work: Path) -> tuple[Params, dict[str, Any]]:
-    """Params on a fresh copy of the synthetic demo data in ``work``, and its index."""
-    p = params.model_copy(deep=True)
-    p.demo.out_dir = work / "data"
-    generate_demo(p)
-    p.data = p.data.model_copy(
-        update={
-            "datasets": [
-                DatasetSpec(name=n, labeled=work / "data/labeled" / n, raw=work / "data/raw" / n)
-                for n in p.demo.datasets
-            ],
-            "index_path": work / "index.json",
-        }
-    )
-    p = Params.model_validate(p.model_dump())
-    p.tracking.enabled = False
-    index = build_index(p, show_progress=False)
-    write_index(index, p.data.index_path)
-    return p, index
-
-
 def _peer_data(p: Params, index: dict[str, Any], root: Path) -> Path:
     """The demo images in the peer's layout: train/ and test/ of NAME.tif + NAME_mask.tif
     (class indices, unlabelled pixels as class 0: the peer has no ignore label)."""
@@ -179,7 +157,7 @@ def bench_speed(
     if steps < 1:
         raise ValueError(f"bench speed: --steps must be >= 1, got {steps}")
     work_dir = Path(work_dir)
-    p, index = _demo(params, work_dir)
+    p, index = on_demo_data(params, work_dir)
     rt = resolve_runtime(p.train.device, p.train.precision, p.train.channels_last, "train")
     set_threads(p.train.threads)
     host = _host(rt)
