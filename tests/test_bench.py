@@ -90,3 +90,27 @@ def test_bench_al_curves_auc_and_plot(demo_params, tmp_path):
     with pytest.raises(ValueError, match="--rounds must be >= 1"):
         bench_al(demo_params, **{**kw, "rounds": 0})
     assert (tmp_path / "al.png").stat().st_size > 10_000
+
+
+def test_bench_speed_reports_flops_throughput_and_share_of_peak(tiny_params, tmp_path):
+    from srpu_pipelines.bench.speed import bench_speed, light_model
+
+    res = bench_speed(
+        tiny_params,
+        seeds=1,
+        steps=2,
+        budget_s=None,
+        work_dir=tmp_path,
+        arms=("default", "light"),
+        progress=False,
+    )
+    host = res["host"]
+    assert host["peak_gflops"] > 0 and host["cores"] >= 1 and host["matmul_fp32_gflops"] > 0
+    d, light = res["arms"]["default"], res["arms"]["light"]
+    assert 0 < light["gflop_per_step"] < d["gflop_per_step"]
+    for run in res["runs"]:
+        assert run["steps"] == 2 and run["wall_s"] > 0 and 0 < run["pct_of_peak"] < 1000
+        assert run["images_per_s"] == pytest.approx(2 * 2 / run["wall_s"], rel=0.02)
+    lm = light_model(tiny_params.model)
+    assert lm.encoder_depth == 3 and lm.decoder_channels == [16, 8, 8]
+    assert not list((tmp_path / "runs").rglob("*.pt"))  # only the figures are kept

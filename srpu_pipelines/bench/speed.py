@@ -174,6 +174,8 @@ def bench_speed(
         peer_data = _peer_data(p, index, work_dir / "peer_data")
     rows = []
     for seed in range(seeds):
+        # what the shared machine delivers right now: an fp32 matrix product beside the runs
+        ceiling = F.matmul_gflops(torch.float32) if rt.device.type == "cpu" else None
         for arm in arms:
             if arm == "peer":
                 r = _run_peer(peer_script, peer_data, p.num_classes, steps, budget_s, seed)
@@ -182,6 +184,9 @@ def bench_speed(
                 row = _stage_row(
                     p, arm, models[arm], seed, steps, budget_s, work_dir, flops[arm], peak
                 )
+            if ceiling:
+                row["fp32_matmul_gflops"] = round(ceiling, 1)
+                row["pct_of_fp32_matmul"] = round(100 * row["model_gflops_per_s"] / ceiling, 1)
             rows.append(row)
             if progress:
                 print(json.dumps(row), file=sys.stderr, flush=True)
@@ -192,7 +197,8 @@ def bench_speed(
             "gflop_per_step": round(flops[arm] / 1e9, 2),
             **{
                 k: spread([r[k] for r in rs])
-                for k in ("images_per_s", "model_gflops_per_s", "pct_of_peak")
+                for k in ("images_per_s", "model_gflops_per_s", "pct_of_peak", "pct_of_fp32_matmul")
+                if all(k in r for r in rs)
             },
         }
     if "peer" in summary:
