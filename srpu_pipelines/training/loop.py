@@ -287,7 +287,8 @@ class Loop:
             return result
         dist.init(self.dist, self.rt.device)
         model = self.built()
-        if self.dist.active and self.rt.device.type == "cuda" and self.lp.sync_bn != "off":
+        sync = self.lp.sync_bn != "off" and self.task.sync_batchnorm
+        if sync and self.dist.active and self.rt.device.type == "cuda":
             # BatchNorm statistics over the global batch (SyncBatchNorm runs on GPUs only;
             # on CPUs each process keeps its own)
             model = self._module = nn.SyncBatchNorm.convert_sync_batchnorm(model)

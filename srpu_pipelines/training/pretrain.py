@@ -131,6 +131,9 @@ class MaeTask(Task):
     kind = "pretrain"
     restart_on_change = True
     betas = (0.9, 0.95)
+    # the cnn path re-masks after every BatchNorm through forward hooks, which a
+    # conversion to SyncBatchNorm would drop; its statistics are re-estimated each epoch
+    sync_batchnorm = False
 
     def __init__(self, setup: PretrainSetup, index: dict[str, Any]) -> None:
         pp = setup.pretrain

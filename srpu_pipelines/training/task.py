@@ -129,6 +129,8 @@ class Task:
     # data-parallel: does the module hold parameters a step never uses (e.g. a timm ViT's
     # unused parts)? DDP then looks for them every step, which costs time
     find_unused_parameters = False
+    # may BatchNorm layers become SyncBatchNorm (new modules: hooks on the old ones go)?
+    sync_batchnorm = True
 
     def __init__(self, lp: LoopParams, seed: int) -> None:
         self.lp, self.seed = lp, seed
