@@ -39,7 +39,7 @@ import torch
 from srpu_pipelines.analysis.inference import predict_labels
 from srpu_pipelines.bench.common import on_demo_data
 from srpu_pipelines.compute import flops as F
-from srpu_pipelines.compute.device import Precision, resolve_runtime
+from srpu_pipelines.compute.device import Precision, resolve_device, resolve_runtime
 from srpu_pipelines.config import load_params, stage_setup
 from srpu_pipelines.data.dataset import load_samples
 from srpu_pipelines.data.index import select_items
@@ -124,9 +124,7 @@ def _agreement(p, index, ckpt: Path, device: str) -> dict[str, Any]:
     kw = dict(tile=inf.tile_size, overlap=inf.overlap, batch_size=inf.batch_size)
     cpu_model, cfg = load_model(ckpt)
     dev_model, _ = load_model(ckpt)
-    dev = torch.device(
-        device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    dev = resolve_device(device)
     dev_model.to(dev)
     bf16 = Precision(dev.type, torch.bfloat16)
     same32, same16, n = 0, 0, 0
@@ -151,9 +149,7 @@ def _agreement(p, index, ckpt: Path, device: str) -> dict[str, Any]:
 
 def _mosaic(ckpt: Path, size: int, device: str) -> dict[str, Any]:
     model, cfg = load_model(ckpt)
-    dev = torch.device(
-        device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    dev = resolve_device(device)
     model.to(dev).to(memory_format=torch.channels_last)
     img = np.random.default_rng(0).standard_normal((size, size)).astype(np.float32)
     prec = Precision(dev.type, torch.bfloat16 if dev.type == "cuda" else None)

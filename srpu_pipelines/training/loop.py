@@ -225,12 +225,8 @@ class Loop:
             g.update(keep)
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch = int(state["step"]), int(state["epoch"])
-        self.best = float(state.get("best_score", state.get("best_miou", -math.inf)))
-        self.best_epoch = int(state.get("best_epoch", -1))
+        self._counters(state)
         self.best, self.best_epoch = self.task.recover_best(self.best, self.best_epoch)
-        self.history = list(state["history"])
-        self._elapsed0 = float(state["elapsed_s"])
         log.info(
             "resumed %s at epoch %d, step %d (best %.4f)",
             self.last_path,
@@ -239,6 +235,14 @@ class Loop:
             self.best,
         )
         return True
+
+    def _counters(self, state: dict[str, Any]) -> None:
+        """Step, epoch, best score, history and clock of a saved run."""
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.best, self.best_epoch = float(state["best_score"]), int(state["best_epoch"])
+        self.history = list(state["history"])
+        self._elapsed0 = float(state["elapsed_s"])
+        self._t0 = time.monotonic() - self._elapsed0
 
     def _result(self, trained: bool, resumed: bool, losses: list[float]) -> RunResult:
         return RunResult(
@@ -274,14 +278,12 @@ class Loop:
         """Resume or start, train until the budget is spent, return the outcome."""
         self.rt = self.runtime()
         set_threads(self.lp.threads, self.dist.world if self.rt.device.type == "cpu" else 1)
-        seed_everything(self.seed_for_rank())
+        # the same initial weights on every process (DDP also broadcasts rank 0's)
+        seed_everything(self.task.seed)
         state = self.saved_state()
         if self.is_done(state):
             assert state is not None
-            self.step, self.epoch = int(state["step"]), int(state["epoch"])
-            self.best = float(state.get("best_score", state.get("best_miou", -math.inf)))
-            self.best_epoch, self.history = int(state["best_epoch"]), list(state["history"])
-            self._t0 = time.monotonic() - float(state["elapsed_s"])
+            self._counters(state)
             result = self._result(trained=False, resumed=True, losses=[])
             self.task.summarize(result)
             return result
@@ -315,10 +317,6 @@ class Loop:
             self.task.on_train_end(self, result)
         dist.barrier(self.dist)  # the next stage starts together (the group stays)
         return result
-
-    def seed_for_rank(self) -> int:
-        # the same initial weights on every process (DDP also broadcasts rank 0's)
-        return self.task.seed
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         net = model
