@@ -197,9 +197,27 @@ def cmd_stages(params: Params, args: argparse.Namespace) -> int:
         tp = stage_params(params, st.name).train
         budget = f"{tp.total_steps} steps" + (f" or {tp.budget_s:.0f}s" if tp.budget_s else "")
         print(
-            f"stages.{i} {st.name}: from {st.init}, encoder {tp.encoder}, lr {tp.lr:g}, {budget}, "
+            f"stages.{i} {st.name}: from {st.init}, encoder {tp.encoder}, lr {tp.lr}, {budget}, "
             f"splits {tp.splits}{', semi-supervised' if tp.semi.enabled else ''} -> {tp.out_dir}"
         )
+    return 0
+
+
+def cmd_plan(params: Params, args: argparse.Namespace) -> int:
+    import yaml
+
+    from srpu_pipelines.config import stage_setup
+    from srpu_pipelines.data.index import load_index
+    from srpu_pipelines.training.plan import plan_document
+
+    names = [args.stage] if args.stage else [st.name for st in params.stages]
+    setups = {n: stage_setup(params, n) for n in names}
+    if args.train_section:
+        setups = {"train": stage_setup(params)}
+    doc = plan_document(setups, load_index(params.data.index_path))
+    if not args.fingerprint:
+        doc.pop("fingerprint")
+    print(yaml.safe_dump(doc, sort_keys=False, width=100, allow_unicode=True), end="")
     return 0
 
 
@@ -360,12 +378,18 @@ def cmd_bench(params: Params, args: argparse.Namespace) -> int:
         return 0
     if args.budget_s is None and args.steps is None:
         raise ParamsError("bench supervised: give --budget-s and/or --steps")
+    files = args.sets or [args.params]
+    stems = [Path(f).stem for f in files]
+    if len(set(stems)) != len(stems):
+        raise ParamsError(f"bench supervised --sets: two files share a name: {files}")
+    sets = {Path(f).stem: load_params(f, args.set) for f in files}
     res = bench_supervised(
-        params,
+        sets,
         seeds=args.seeds,
         budget_s=args.budget_s,
         steps=args.steps,
         work_dir=Path(args.work_dir),
+        peer_script=Path(args.peer) if args.peer else None,
         progress=not args.quiet,
     )
     print(json.dumps(res, indent=2))
@@ -438,6 +462,23 @@ def build_parser() -> argparse.ArgumentParser:
             flags = {"out": "out_dir", "input": "input_dir"}
         p.set_defaults(func=fn, aliases=section_aliases(name, flags))
 
+    p = sub.add_parser(
+        "plan",
+        help="the training plan: values for the keys left auto, with the reason for each",
+        description="Print, as YAML, the value the plan gives each training key left `auto` "
+        "(tile size, batch size, learning rate, warm-up, validation cadence, rare-class crops, "
+        "loss and class weights, augmentation) and why, from the fingerprint of the training "
+        "images in the index (run `srpu index` first), the budget and the device.",
+    )
+    p.add_argument("--stage", help="only this stage (default: every stage)")
+    p.add_argument(
+        "--train-section",
+        action="store_true",
+        help="plan the top-level train section as it is (what the benchmarks train)",
+    )
+    p.add_argument("--fingerprint", action="store_true", help="print the fingerprint too")
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("stages", help="list the training stages; keep dvc.yaml in step")
     p.add_argument("--write-dvc", action="store_true", help="rewrite dvc.yaml's stage entries")
     p.add_argument("--check-dvc", action="store_true", help="fail when dvc.yaml is out of step")
@@ -465,11 +506,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks that print JSON (not tests)")
     bsub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    b = bsub.add_parser("supervised", help="train from scratch per seed, score the test split")
+    b = bsub.add_parser(
+        "supervised",
+        help="train from scratch per data set and seed, score the test split; the peer beside",
+        description="Per data set (--sets, default --params) and seed: train from scratch "
+        "under the budget and score evaluate.split; with --peer, the peer loop on the same "
+        "images and budget. Finished runs are kept in WORK/<set>/<loop>/seed<k>.json and "
+        "skipped by a rerun (delete them to run again).",
+    )
     b.add_argument("--budget-s", type=float, help="training wall-clock seconds per seed")
     b.add_argument("--steps", type=int, help="training steps per seed (with or instead of time)")
     b.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
-    b.add_argument("--work-dir", default="outputs/bench", help="where runs are written")
+    b.add_argument("--sets", nargs="+", metavar="PARAMS", help="params files, one per data set")
+    b.add_argument(
+        "--peer",
+        nargs="?",
+        const="../shared/bench/peer_baseline.py",
+        help="also run the peer loop (default script ../shared/bench/peer_baseline.py)",
+    )
+    b.add_argument("--work-dir", default="outputs/bench/supervised", help="where runs are written")
     b.set_defaults(func=cmd_bench)
     b = bsub.add_parser(
         "ssl",

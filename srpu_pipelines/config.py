@@ -8,8 +8,9 @@ or a bad value raises :class:`ParamsError` with the dotted key that is wrong.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -65,6 +66,9 @@ class DatasetSpec(_Strict):
         default=None, description="optional separate folder of masks named like the images"
     )
     raw: Path | None = Field(default=None, description="folder of unlabelled pool images")
+    pixel_size_nm: float | None = Field(
+        default=None, gt=0, description="pixel size in nm, when known (null = unknown)"
+    )
 
 
 class SplitParams(_Strict):
@@ -130,12 +134,25 @@ class AugmentParams(_Strict):
 class LossParams(_Strict):
     ce_weight: float = Field(default=1.0, ge=0.0)
     dice_weight: float = Field(default=1.0, ge=0.0)
-    class_weights: list[float] | None = None
+    class_weights: list[Annotated[float, Field(gt=0)]] | None | Literal["auto"] = Field(
+        default=None, description="cross-entropy weight per class, null (equal) or auto"
+    )
+    skeleton_weight: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="weight of the skeleton-recall term (thin phases: the share of each "
+        "labelled object's centre line the prediction covers)",
+    )
+    skeleton_classes: list[str] = Field(
+        default_factory=list, description="classes the skeleton-recall term is for"
+    )
 
     @model_validator(mode="after")
     def _some(self) -> LossParams:
         if self.ce_weight == 0 and self.dice_weight == 0:
             raise ValueError("ce_weight and dice_weight cannot both be 0")
+        if self.skeleton_weight > 0 and not self.skeleton_classes:
+            raise ValueError("skeleton_weight > 0 needs skeleton_classes (class names)")
         return self
 
 
@@ -241,15 +258,39 @@ class LoopParams(_Strict):
         return self.max_steps or self.epochs * self.steps_per_epoch
 
 
+Auto = Literal["auto"]
+# keys of a training stage that take ``auto``: the plan (training/plan.py) sets them from
+# the data's fingerprint, the budget and the device; an explicit value wins
+PLANNED_TRAIN_KEYS = (
+    "tile_size",
+    "batch_size",
+    "lr",
+    "warmup_steps",
+    "rare_crop_prob",
+    "val_every",
+    "loss",
+    "loss.class_weights",
+    "augment",
+)
+
+
 class TrainParams(LoopParams):
-    rare_crop_prob: float = Field(
-        default=0.5, ge=0, le=1, description="share of crops centred on a rare-class pixel"
+    batch_size: Annotated[int, Field(ge=1)] | Auto = Field(
+        default=8, description="global batch (over all processes), or auto (the plan)"
     )
-    loss: LossParams = LossParams()
-    augment: AugmentParams = AugmentParams()
+    tile_size: Annotated[int, Field(ge=32, multiple_of=32)] | Auto = 256
+    lr: Annotated[float, Field(gt=0)] | Auto = 1e-3
+    warmup_steps: Annotated[int, Field(ge=0)] | Auto = 20
+    rare_crop_prob: Annotated[float, Field(ge=0, le=1)] | Auto = Field(
+        default=0.5, description="share of crops centred on a pixel of a drawn class"
+    )
+    loss: LossParams | Auto = LossParams()
+    augment: AugmentParams | Auto = AugmentParams()
     splits: list[str] = Field(default_factory=lambda: ["train"], min_length=1)
     val_split: str = "val"
-    val_every: int = Field(default=1, ge=1, description="validate every N epochs (and the last)")
+    val_every: Annotated[int, Field(ge=1)] | Auto = Field(
+        default=1, description="validate every N epochs (and the last)"
+    )
     val_time_share: float = Field(
         default=0.25,
         gt=0,
@@ -532,8 +573,8 @@ class Params(_Strict):
         outs: dict[str, str] = {str(Path(self.pretrain.out_dir)): "pretrain.out_dir"}
         for i, st in enumerate(self.stages):
             tp = stage_train(self, st, where=f"stages.{i}.train")
-            cw = tp.loss.class_weights
-            if cw is not None and len(cw) != len(self.classes):
+            cw = tp.loss.class_weights if isinstance(tp.loss, LossParams) else None
+            if isinstance(cw, list) and len(cw) != len(self.classes):
                 raise ValueError(
                     f"stages.{i}.train.loss.class_weights needs {len(self.classes)} entries"
                 )
@@ -566,9 +607,15 @@ class Params(_Strict):
                     f"mask.grey_levels needs one grey level per class ({len(names)}) "
                     "when mask.encoding is 'grey'"
                 )
-        cw = self.train.loss.class_weights
-        if cw is not None and len(cw) != len(names):
+        cw = self.train.loss.class_weights if isinstance(self.train.loss, LossParams) else None
+        if isinstance(cw, list) and len(cw) != len(names):
             raise ValueError(f"train.loss.class_weights needs {len(names)} entries (one per class)")
+        if isinstance(self.train.loss, LossParams):
+            bad = [c for c in self.train.loss.skeleton_classes if c not in names]
+            if bad:
+                raise ValueError(
+                    f"train.loss.skeleton_classes: {bad} are not classes; valid: {names}"
+                )
         return self
 
     @property
@@ -611,6 +658,7 @@ class StageSetup(_Classes):
     model: ModelParams
     train: TrainParams
     inference: InferenceParams
+    rare_fraction: float = Field(default=0.05, gt=0, lt=1, description="data.split.rare_fraction")
 
 
 class PretrainSetup(_Classes):
@@ -632,6 +680,7 @@ def stage_setup(params: Params, name: str | None = None) -> StageSetup:
         model=params.model,
         train=tp,
         inference=params.inference,
+        rare_fraction=params.data.split.rare_fraction,
     )
 
 
@@ -656,12 +705,7 @@ def stage_train(params: Params, stage: StageSpec, where: str = "train") -> Train
     try:
         return TrainParams.model_validate(_merge(base, stage.train))
     except ValidationError as e:
-        bad = [
-            f"{where}.{'.'.join(str(p) for p in err['loc'])}: "
-            + ("unknown key" if err["type"] == "extra_forbidden" else err["msg"])
-            for err in e.errors()
-        ]
-        raise ValueError("; ".join(bad)) from None
+        raise ValueError("; ".join(_error_lines(e, prefix=f"{where}."))) from None
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -687,16 +731,48 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
         node[last] = value
 
 
-def _format_errors(source: str, err: ValidationError) -> str:
-    lines = [f"{source}: invalid parameters:"]
+_KEY_PART = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+def _error_lines(err: ValidationError, prefix: str = "") -> list[str]:
+    """One line per bad key. A key that takes a value or ``auto`` fails once per choice
+    (pydantic tags each with the choice's type): those are joined into one line."""
+    by_key: dict[str, list[str]] = {}
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        parts = [str(p) for p in e["loc"] if isinstance(p, int) or _KEY_PART.match(str(p))]
+        key = prefix + ".".join(parts) if parts else (prefix.rstrip(".") or "(top level)")
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see params.yaml for the valid keys)"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+        elif e["type"] == "literal_error" and "'auto'" in msg:
+            msg = "or 'auto'"
         got = e.get("input")
-        shown = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {got!r})"
-        lines.append(f"  {key}: {msg}{shown}")
+        quiet = ("extra_forbidden", "missing", "value_error", "assertion_error")
+        shown = "" if e["type"] in quiet else f" (got {got!r})"
+        msgs = by_key.setdefault(key, [])
+        if f"{msg}{shown}" not in msgs:
+            msgs.append(f"{msg}{shown}")
+    lines = []
+    for key, msgs in by_key.items():
+        if all(m.startswith("or 'auto'") for m in msgs) and any(
+            k.startswith(key + ".") for k in by_key
+        ):
+            continue  # the value below it is what is wrong
+        if len(msgs) > 1 and msgs[-1].startswith("or 'auto'"):
+            got = msgs[-1][len("or 'auto'") :]
+            msgs = [m.removesuffix(got) for m in msgs[:-1]]
+            lines.append(f"{key}: {'; '.join(msgs)}, or 'auto'{got}")
+        else:
+            # a check across keys names its keys itself
+            lines.append("; ".join(msgs) if key == "(top level)" else f"{key}: {'; '.join(msgs)}")
+    return lines
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid parameters:"]
+    lines += [f"  {ln}" for ln in _error_lines(err)]
     return "\n".join(lines)
 
 

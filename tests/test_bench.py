@@ -114,3 +114,46 @@ def test_bench_speed_reports_flops_throughput_and_share_of_peak(tiny_params, tmp
     lm = light_model(tiny_params.model)
     assert lm.encoder_depth == 3 and lm.decoder_channels == [16, 8, 8]
     assert not list((tmp_path / "runs").rglob("*.pt"))  # only the figures are kept
+
+
+FAKE_PEER = """
+import json, sys
+from pathlib import Path
+from PIL import Image
+import numpy as np
+root = Path(sys.argv[1]); a = sys.argv
+n = int(a[a.index("--classes") + 1]); seed = int(a[a.index("--seed") + 1])
+steps = int(a[a.index("--steps") + 1]) if "--steps" in a else 0
+masks = sorted((root / "test").glob("*_mask.tif"))
+seen = sorted(np.unique(np.concatenate([np.array(Image.open(m)).ravel() for m in masks])).tolist())
+assert (root / "train").is_dir() and masks and max(seen) < n, seen
+r = {"steps": steps, "train_s": 0.1, "per_class_iou": [0.5] * n, "miou": 0.5 + seed / 100}
+print(json.dumps(r))
+"""
+
+
+def test_bench_supervised_sets_peer_and_resume(demo_params, tmp_path, monkeypatch):
+    import srpu_pipelines.bench.supervised as sup
+
+    peer = tmp_path / "peer.py"
+    peer.write_text(FAKE_PEER)
+    work = tmp_path / "bench"
+    other = demo_params.model_copy(deep=True)
+    other.train.out_dir = tmp_path / "other"
+    sets = {"a": demo_params, "b": other}
+    res = sup.bench_supervised(sets, 2, None, 2, work, peer_script=peer, progress=False)
+    assert set(res["sets"]) == {"a", "b"}
+    one = res["sets"]["a"]
+    assert [r["steps"] for r in one["srpu"]["runs"]] == [2, 2]
+    assert [r["steps"] for r in one["peer"]["runs"]] == [2, 2]
+    assert one["peer"]["miou"] == {"mean": 0.505, "min": 0.5, "max": 0.51, "range": 0.01}
+    assert set(one["srpu"]["per_class_iou"]) == set(demo_params.class_names)
+    assert one["srpu_minus_peer_miou"] == round(one["srpu"]["miou"]["mean"] - 0.505, 4)
+    assert not list(work.rglob("*.pt"))  # figures stay, weights go
+    # a rerun reads every finished run back and trains nothing
+    monkeypatch.setattr(sup, "train_stage", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(sup, "run_peer", lambda *a, **k: pytest.fail("peer ran again"))
+    again = sup.bench_supervised(sets, 2, None, 2, work, peer_script=peer, progress=False)
+    assert again == res
+    with pytest.raises(ValueError, match="not both"):
+        sup.bench_supervised(sets, 1, 60.0, 2, work, peer_script=peer, progress=False)

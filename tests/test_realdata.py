@@ -3,7 +3,7 @@
 import pytest
 
 from srpu_pipelines.analysis.evaluate import evaluate_checkpoint
-from srpu_pipelines.config import load_params
+from srpu_pipelines.config import load_params, stage_setup
 from srpu_pipelines.data.index import build_index
 from srpu_pipelines.training.trainer import train_stage
 from tests.conftest import NASA, ROOT
@@ -53,7 +53,7 @@ def test_index_reads_the_published_split_and_painted_masks(params):
 
 def test_tiny_training_and_evaluation(params):
     idx = build_index(params, show_progress=False)
-    res = train_stage(params, idx, progress=False)
+    res = train_stage(stage_setup(params), idx, progress=False)
     assert res.steps == 2
     m = evaluate_checkpoint(
         params, idx, res.best_checkpoint, split="different_test", progress=False

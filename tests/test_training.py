@@ -110,3 +110,25 @@ def test_more_input_channels_repeat_the_grey_image(demo_params, index):
     p.model.in_channels = 3
     res = train_stage(p, index, progress=False)
     assert res.steps == 4 and 0 <= res.best_miou <= 1
+
+
+def test_skeleton_of_a_line_is_its_centre_line_and_recall_rewards_covering_it():
+    from srpu_pipelines.config import LossParams
+    from srpu_pipelines.training.losses import skeleton
+
+    y = torch.zeros(1, 48, 48, dtype=torch.long)
+    y[0, 20:23, 5:40] = 1  # a crack 3 px wide, 35 px long
+    sk = skeleton((y == 1).float()[:, None])[0, 0]
+    assert sk[21, 8:37].all() and sk.sum() <= 37 and not sk[20].any() and not sk[22].any()
+    p = LossParams(dice_weight=0, ce_weight=1, skeleton_weight=1, skeleton_classes=["b"])
+    loss = SegLoss(p, ["a", "b"])
+    covered = torch.full((1, 2, 48, 48), -4.0)
+    covered[:, 1][y == 1] = 4.0
+    covered[:, 0][y == 0] = 4.0
+    missed = covered.flip(1)
+    assert loss.skeleton_recall(covered, y) < 0.05 < 0.95 < loss.skeleton_recall(missed, y)
+    # a batch without the class adds nothing; pixels not labelled never count
+    assert loss.skeleton_recall(covered, torch.zeros_like(y)) == 0
+    assert loss.skeleton_recall(missed, torch.where(y == 1, 255, y)) == 0
+    with pytest.raises(ValueError, match="skeleton_classes"):
+        SegLoss(p, ["a", "c"])

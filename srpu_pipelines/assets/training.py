@@ -9,6 +9,7 @@ from srpu_pipelines.config import Params, load_params
 from srpu_pipelines.pipeline.launch import launch_train
 from srpu_pipelines.pipeline.steps import CHAMPION, run_stage, stage_asset_name
 from srpu_pipelines.resources.dagster_resources import MlflowResource, ParamsResource
+from srpu_pipelines.training.plan import plan_markdown
 
 
 class StageRunConfig(dg.Config):
@@ -83,6 +84,8 @@ def _stage_asset(params: Params, i: int) -> dg.AssetsDefinition:
             rows = ["| class | val IoU (last epoch) |", "| --- | ---: |"]
             rows += [f"| {k} | {v:.4f} |" for k, v in last["val_iou"].items()]
             meta["val_iou"] = dg.MetadataValue.md("\n".join(rows))
+        if out["plan"] is not None:
+            meta["plan"] = dg.MetadataValue.md(plan_markdown(out["plan"]))
         if "confident_share" in last:
             meta["confident_share"] = last["confident_share"]
         if res.history:

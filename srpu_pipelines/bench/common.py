@@ -83,3 +83,64 @@ def on_demo_data(params: Params, work: Path, size: int | None = None) -> tuple[P
     index = build_index(p, show_progress=False)
     write_index(index, p.data.index_path)
     return p, index
+
+
+def peer_layout(
+    p: Params, index: dict[str, Any], root: Path, train: list[str], test: list[str]
+) -> Path:
+    """The index's images in the peer loop's layout: ``root/train`` (splits ``train``) and
+    ``root/test`` (splits ``test``) of NNN.tif + NNN_mask.tif, grey 8-bit images and
+    class-index masks decoded by SRPU's codec, so both loops see the same pixels and
+    labels (unlabelled pixels become class 0: the peer has no ignore label). A folder
+    written from the same items is reused."""
+    import shutil
+
+    from PIL import Image
+
+    from srpu_pipelines.data.imageio import read_grey
+    from srpu_pipelines.data.index import select_items
+    from srpu_pipelines.data.masks import MaskCodec
+    from srpu_pipelines.io.files import atomic_write_json, read_json
+
+    done = root / "layout.json"
+    parts = {"train": select_items(index, train), "test": select_items(index, test)}
+    want = {s: [[it["id"], it["mask_sha256"]] for it in its] for s, its in parts.items()}
+    if done.is_file() and read_json(done) == want:
+        return root
+    if root.exists():
+        shutil.rmtree(root)
+    codec = MaskCodec.from_params(p)
+    for split, items in parts.items():
+        for k, it in enumerate(items):
+            out = root / split / f"{k:03d}"
+            img = (np.clip(read_grey(Path(it["image"])), 0, 1) * 255).astype(np.uint8)
+            mask = codec.decode_file(Path(it["mask"]))
+            mask[mask == 255] = 0
+            out.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(f"{out}.tif")
+            Image.fromarray(mask.astype(np.uint8)).save(f"{out}_mask.tif")
+    atomic_write_json(done, want)
+    return root
+
+
+def run_peer(
+    script: Path,
+    data: Path,
+    classes: int,
+    seed: int,
+    steps: int | None = None,
+    budget_s: float | None = None,
+) -> dict[str, Any]:
+    """One run of the peer loop in its own process: its JSON line (steps, train_s,
+    per_class_iou, miou). A step budget wins over a time budget (as in the peer)."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(script), str(data), "--classes", str(classes), "--decode", "index"]
+    cmd += ["--seed", str(seed)]
+    cmd += ["--steps", str(steps)] if steps else ["--budget-s", str(budget_s)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{script} exited {out.returncode}: {out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -46,6 +46,7 @@ from srpu_pipelines.data.index import select_items
 from srpu_pipelines.data.masks import MaskCodec
 from srpu_pipelines.models.checkpoint import load_model
 from srpu_pipelines.training.loop import run_task
+from srpu_pipelines.training.plan import plan_stage
 from srpu_pipelines.training.trainer import StageTask, train_stage
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             "cuda": torch.version.cuda,
             "device": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",
         }
-        tp = p.train
+        tp = plan_stage(stage_setup(p), index)[0].train  # the shipped params on this device
         shipped = _train(p, index, work, "shipped", a.steps, tp.batch_size, tp.tile_size)
         report["shipped_batch"] = shipped["result"]
         report["gpu_batch"] = _train(p, index, work, "gpu", a.gpu_steps, a.gpu_batch, a.gpu_tile)[

@@ -20,24 +20,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
-from srpu_pipelines.bench.common import on_demo_data, run_setup, spread
+from srpu_pipelines.bench.common import on_demo_data, peer_layout, run_peer, run_setup, spread
 from srpu_pipelines.compute import flops as F
 from srpu_pipelines.compute.device import Runtime, resolve_runtime, set_threads
 from srpu_pipelines.config import LoopParams, ModelParams, Params
-from srpu_pipelines.data.imageio import read_grey
-from srpu_pipelines.data.index import select_items
-from srpu_pipelines.data.masks import MaskCodec
 from srpu_pipelines.training.loop import Task, run_task
+from srpu_pipelines.training.plan import plan_stage
 from srpu_pipelines.training.trainer import StageTask
 
 SPEED_ARMS = ("default", "light", "peer")
@@ -102,33 +97,6 @@ def peer_step_flops(num_classes: int, work: Path) -> int:
     )
 
 
-def _peer_data(p: Params, index: dict[str, Any], root: Path) -> Path:
-    """The demo images in the peer's layout: train/ and test/ of NAME.tif + NAME_mask.tif
-    (class indices, unlabelled pixels as class 0: the peer has no ignore label)."""
-    codec = MaskCodec.from_params(p)
-    for split, names in (("train", ["train"]), ("test", ["val", "test"])):
-        for it in select_items(index, names):
-            out = root / split / it["name"].replace(" ", "_")
-            img = (np.clip(read_grey(Path(it["image"])), 0, 1) * 255).astype(np.uint8)
-            mask = codec.decode_file(Path(it["mask"]))
-            mask[mask == 255] = 0
-            out.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(f"{out}.tif")
-            Image.fromarray(mask.astype(np.uint8)).save(f"{out}_mask.tif")
-    return root
-
-
-def _run_peer(script: Path, data: Path, classes: int, steps: int, budget_s, seed: int) -> dict:
-    cmd = [sys.executable, str(script), str(data), "--classes", str(classes), "--decode", "index"]
-    cmd += ["--seed", str(seed), "--steps", str(steps)]
-    if budget_s:
-        cmd += ["--budget-s", str(budget_s)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"{script} exited {out.returncode}: {out.stderr.strip()[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def _row(arm: str, seed: int, steps: int, seconds: float, batch: int, flops: int, peak: float):
     gflops = steps * flops / seconds / 1e9
     return {
@@ -164,21 +132,23 @@ def bench_speed(
     peak = host["peak_gflops"]
     models = {"default": p.model, "light": light_model(p.model)}
     flops = {
-        a: _count_flops(p, models[a], index, work_dir / f"flops_{a}") for a in arms if a in models
+        a: _count_flops(p, models[a], index, work_dir / f"flops_{a}", budget_s, steps)
+        for a in arms
+        if a in models
     }
     peer_data = None
     if "peer" in arms:
         if peer_script is None or not peer_script.is_file():
             raise FileNotFoundError(f"bench speed: peer script {peer_script} not found")
         flops["peer"] = peer_step_flops(p.num_classes, work_dir / "peer_flops")
-        peer_data = _peer_data(p, index, work_dir / "peer_data")
+        peer_data = peer_layout(p, index, work_dir / "peer_data", ["train"], ["val", "test"])
     rows = []
     for seed in range(seeds):
         # what the shared machine delivers right now: an fp32 matrix product beside the runs
         ceiling = F.matmul_gflops(torch.float32) if rt.device.type == "cpu" else None
         for arm in arms:
             if arm == "peer":
-                r = _run_peer(peer_script, peer_data, p.num_classes, steps, budget_s, seed)
+                r = run_peer(peer_script, peer_data, p.num_classes, seed, steps=steps)
                 row = _row(arm, seed, r["steps"], r["train_s"], PEER_BATCH, flops[arm], peak)
             else:
                 row = _stage_row(
@@ -219,7 +189,7 @@ def bench_speed(
         "budget_s": budget_s,
         "shipped": {
             "model": p.model.model_dump(mode="json"),
-            "tile": p.train.tile_size,
+            "tile": p.train.tile_size,  # auto: the plan's value is in each run's row
             "batch": p.train.batch_size,
         },
         "light_model": models["light"].model_dump(mode="json"),
@@ -236,12 +206,17 @@ def _arm_setup(p: Params, model_p: ModelParams, seed: int, out: Path, budget_s, 
     return run_setup(q, out, budget_s, steps)
 
 
-def _count_flops(p: Params, model_p: ModelParams, index: dict, out: Path) -> int:
+def _count_flops(
+    p: Params, model_p: ModelParams, index: dict, out: Path, budget_s, steps: int
+) -> int:
     """Model FLOPs of one eager step of the arm's training (counted apart from the timed
-    runs: the flop counter does not see inside compiled code, and costs time itself)."""
-    setup = _arm_setup(p, model_p, 0, out, None, 1)
-    setup.train.compile = "off"
-    res = run_task(StageTask(setup, index), progress=False, count_flops=True)
+    runs: the flop counter does not see inside compiled code, and costs time itself), at
+    the tile and batch the plan gives the timed runs' budget."""
+    setup, _ = plan_stage(_arm_setup(p, model_p, 0, out, budget_s, steps), index)
+    tp = setup.train.model_copy(update={"compile": "off", "max_steps": 1, "budget_s": None})
+    res = run_task(
+        StageTask(setup.model_copy(update={"train": tp}), index), progress=False, count_flops=True
+    )
     shutil.rmtree(out, ignore_errors=True)
     return int(res.info["step_flops"])
 
@@ -252,9 +227,11 @@ def _stage_row(p, arm, model_p, seed, steps, budget_s, work_dir, flops, peak) ->
     setup = _arm_setup(p, model_p, seed, out, budget_s, steps)
     index = json.loads(Path(p.data.index_path).read_text())
     t = time.perf_counter()
-    res = run_task(StageTask(setup, index), progress=False)
+    task = StageTask(setup, index)  # the plan sets the keys left auto
+    res = run_task(task, progress=False)
     wall = time.perf_counter() - t
-    row = _row(arm, seed, res.steps, wall, p.train.batch_size, flops, peak)
+    row = _row(arm, seed, res.steps, wall, task.tp.batch_size, flops, peak)
+    row["tile"], row["batch"] = task.tp.tile_size, task.tp.batch_size
     row["validation_s"] = res.info.get("validation_seconds")
     row["val_miou"] = round(res.best_miou, 4)
     for f in out.glob("*.pt"):

@@ -143,7 +143,11 @@ def read_grey(path: str | Path) -> np.ndarray:
     Colour images become grey: when R, G and B are equal (grey copied into 3 channels),
     one channel is taken exactly; otherwise the luminance. Alpha is dropped.
     """
-    arr = read_raw(path, palette="rgb")
+    return to_grey(read_raw(path, palette="rgb"))
+
+
+def to_grey(arr: np.ndarray) -> np.ndarray:
+    """A raw image array (as :func:`read_raw` returns it) as float32 (H, W) in [0, 1]."""
     if arr.ndim == 3:
         rgb = arr[..., :3] if arr.shape[-1] >= 3 else arr[..., :1]
         if rgb.shape[-1] == 1 or (

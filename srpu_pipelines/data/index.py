@@ -19,13 +19,21 @@ from tqdm import tqdm
 
 from srpu_pipelines.config import Params
 from srpu_pipelines.data.discovery import Pair, PoolImage, Problem, find_labeled, find_pool
-from srpu_pipelines.data.imageio import IMAGE_EXTENSIONS, ImageReadError, image_size, read_grey
+from srpu_pipelines.data.fingerprint import item_stats
+from srpu_pipelines.data.imageio import (
+    IMAGE_EXTENSIONS,
+    ImageReadError,
+    image_size,
+    read_grey,
+    read_raw,
+    to_grey,
+)
 from srpu_pipelines.data.masks import MaskCodec, MaskDecodeError, class_fractions
 from srpu_pipelines.io.files import atomic_write_json, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: entries carry fingerprint statistics
 
 
 class BadInputError(ValueError):
@@ -48,7 +56,8 @@ def check_pair(pair: Pair, codec: MaskCodec) -> tuple[dict[str, Any] | None, Pro
     """Validate one labelled pair (image readable, mask decodes to the classes, same size,
     some pixel labelled): its index entry, or the problem with the file it names."""
     try:
-        img = read_grey(pair.image)
+        raw = read_raw(pair.image, palette="rgb")
+        img = to_grey(raw)
     except ImageReadError as e:
         return None, Problem(str(pair.image), str(e).split(": ", 1)[-1])
     try:
@@ -74,6 +83,7 @@ def check_pair(pair: Pair, codec: MaskCodec) -> tuple[dict[str, Any] | None, Pro
         "height": int(img.shape[0]),
         "width": int(img.shape[1]),
         "class_fractions": [round(f, 6) for f in class_fractions(mask, codec.num_classes)],
+        "stats": item_stats(raw, img, mask, codec.num_classes),
     }
     return entry, None
 
@@ -251,6 +261,7 @@ def build_index(params: Params, show_progress: bool = True) -> dict[str, Any]:
     return {
         "version": INDEX_VERSION,
         "classes": [c.name for c in params.classes],
+        "pixel_size_nm": {d.name: d.pixel_size_nm for d in params.data.datasets},
         "items": items,
         "pool": pool_items,
         "skipped": [{"path": p.path, "reason": p.reason} for p in problems],
@@ -284,7 +295,11 @@ def load_index(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: dataset index not found; run `srpu index` first")
     idx = read_json(path)
     if not isinstance(idx, dict) or idx.get("version") != INDEX_VERSION or "items" not in idx:
-        raise ValueError(f"{path}: not an SRPU dataset index (version {INDEX_VERSION})")
+        raise ValueError(
+            f"{path}: not an SRPU dataset index of version {INDEX_VERSION} (found version "
+            f"{idx.get('version') if isinstance(idx, dict) else None!r}): run `srpu index` "
+            "to rebuild it (splits are kept)"
+        )
     return idx
 
 

@@ -227,7 +227,7 @@ def run_stage(
         if main:
             record_path.unlink(missing_ok=True)  # it would describe a checkpoint to change
         res = run_task(task, progress=progress and main)
-        return {"result": res, "version": None, "record": None, "stage": name}
+        return {"result": res, "version": None, "record": None, "stage": name, "plan": task.plan}
     if record_path.is_file() and task_is_finished(task):
         record = read_json(record_path)
         if record.get("checkpoint_sha256") == sha256_file(task.out / "best.pt"):
@@ -237,12 +237,23 @@ def run_stage(
                 mv = ModelVersion(
                     record["version"], record["run_id"], {"val_miou": str(record["val_miou"])}
                 )
-            return {"result": res, "version": mv, "record": record, "stage": name}
+            return {
+                "result": res,
+                "version": mv,
+                "record": record,
+                "stage": name,
+                "plan": task.plan,
+            }
     record_path.unlink(missing_ok=True)
     rev = data_revision(params.data.index_path)
     tags = {"srpu.stage": name, "srpu.data_revision": rev, "srpu.init": params.stage(name).init}
-    with tracker.start_run(f"train_{name}", {**sp.resolved(), "stage": name}, tags) as run_id:
+    logged = {**sp.resolved(), "stage": name}
+    if task.plan is not None:  # the values the plan chose for the ``auto`` keys
+        logged.update({f"plan.{k}": v for k, v in task.plan.values.items()})
+    with tracker.start_run(f"train_{name}", logged, tags) as run_id:
         res = run_task(task, callbacks=[_log_epoch(tracker)], progress=progress)
+        if task.plan is not None:
+            tracker.log_artifact(res.out_dir / "plan.json")
         for f in (res.best_checkpoint, res.best_checkpoint.with_suffix(".json")):
             tracker.log_artifact(f, "checkpoint")
         tracker.log_artifact(res.out_dir / "train_metrics.json")
@@ -261,7 +272,7 @@ def run_stage(
         "checkpoint_sha256": sha256_file(res.best_checkpoint),
     }
     atomic_write_json(record_path, record)
-    return {"result": res, "version": mv, "record": record, "stage": name}
+    return {"result": res, "version": mv, "record": record, "stage": name, "plan": task.plan}
 
 
 def run_evaluate(

@@ -30,7 +30,7 @@ from srpu_pipelines.data.dataset import Sample, TileSampler, load_samples
 from srpu_pipelines.data.index import image_hashes, select_items
 from srpu_pipelines.data.masks import MaskCodec
 from srpu_pipelines.data.pool import UnlabeledTiles, unlabeled_paths
-from srpu_pipelines.io.files import atomic_write_json, sha256_file
+from srpu_pipelines.io.files import atomic_write_json, read_json, sha256_file
 from srpu_pipelines.models.checkpoint import model_config, read_checkpoint, save_checkpoint
 from srpu_pipelines.models.factory import is_vit_encoder, load_weights, model_from_params
 from srpu_pipelines.training.loop import (
@@ -43,6 +43,7 @@ from srpu_pipelines.training.loop import (
     task_is_finished,
 )
 from srpu_pipelines.training.losses import SegLoss
+from srpu_pipelines.training.plan import plan_stage
 from srpu_pipelines.training.semi import WeakStrongPairs, fixmatch_loss, ramp
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,9 @@ class StageTask(Task):
         init_require: str | None = None,
         restart_on_change: bool = False,
     ) -> None:
+        saved = Path(setup.train.out_dir) / "plan.json"
+        previous = read_json(saved) if saved.is_file() else None
+        setup, self.plan = plan_stage(setup, index, previous)  # the keys left ``auto``
         super().__init__(setup.train, setup.seed)
         self.setup, self.index, self.tp = setup, index, setup.train
         self.init_require, self.restart_on_change = init_require, restart_on_change
@@ -195,6 +199,8 @@ class StageTask(Task):
 
     def on_train_start(self, loop: Loop) -> None:
         tp, setup = self.tp, self.setup
+        if self.plan is not None and loop.dist.is_main:
+            atomic_write_json(self.out / "plan.json", self.plan.as_dict())
         codec = MaskCodec.from_params(setup)
         progress = loop.progress and loop.dist.is_main
         train_samples = load_samples(self.train_items, codec, "load train", progress)
@@ -221,7 +227,7 @@ class StageTask(Task):
             )
             pairs = WeakStrongPairs(unl, sp.strength, sp.cutout)
             self.loaders.append(loop.loader(pairs, ub, "train.semi.batch_size"))
-        self.loss_fn = SegLoss(tp.loss).to(loop.rt.device)
+        self.loss_fn = SegLoss(tp.loss, setup.class_names).to(loop.rt.device)
 
     def batches(self, loop: Loop, epoch: int):
         for ld in self.loaders:
@@ -299,6 +305,8 @@ class StageTask(Task):
 
     def on_train_end(self, loop: Loop, result: RunResult) -> None:
         result.info["validation_seconds"] = round(self.val_seconds, 1)
+        if self.plan is not None:
+            result.info["plan"] = self.plan.as_dict()
         atomic_write_json(self.out / "train_metrics.json", train_summary(result))
 
 
@@ -310,6 +318,7 @@ def train_summary(result: RunResult) -> dict[str, Any]:
         "steps": result.steps,
         "train_seconds": round(result.seconds, 1),
         "history": result.history,
+        "plan": result.info.get("plan"),
     }
 
 

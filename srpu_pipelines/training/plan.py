@@ -1,0 +1,430 @@
+"""The training plan: keys left ``auto`` set from the data's fingerprint, the budget and
+the device, each with the reason for its value.
+
+Every rule is a formula of fingerprint quantities (class pixel shares, object thickness
+and extent, image sizes, brightness spread between images), the budget (seconds or
+steps) and the device's throughput; none reads a data set's name, path or class names.
+An explicit value in params wins over the plan. ``srpu plan`` prints it; every training
+run records the plan it used (``plan.json`` beside its checkpoints, MLflow, Dagster).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from srpu_pipelines.compute.device import resolve_device
+from srpu_pipelines.compute.flops import cpu_peak, gpu_peak_tflops
+from srpu_pipelines.config import PLANNED_TRAIN_KEYS, AugmentParams, LossParams, StageSetup
+from srpu_pipelines.data.fingerprint import fingerprint
+from srpu_pipelines.data.index import select_items
+
+# Share of the fp32 peak a whole training run reaches (srpu bench speed, README):
+# bfloat16 on CPUs with AMX/AVX512-BF16 runs at about the fp32 peak, fp32 at about a
+# third of it; a GPU's bf16 tensor cores at about a quarter for these small U-Nets.
+PLAN_VERSION = 1  # bump when a rule changes: saved plans are then made again
+CPU_EFFICIENCY = {"bf16": 0.9, "fp32": 0.35}
+GPU_EFFICIENCY = 0.25
+GPU_FALLBACK_TFLOPS = 50.0  # an unknown GPU: a mid-range card's bf16 peak
+MIN_STEPS = 300  # optimiser steps a run needs to converge (the tile shrinks to reach it)
+VAL_SHARE = 0.1  # share of the training time validation may take
+THIN_PX = 8.0  # a class thinner than this (px) is thin: no blur, full resolution
+SKELETON_WEIGHT = 0.0  # skeleton recall for line-like classes: off, it lost on nasa-ebc (README)
+ELONGATED = 4.0  # length / thickness from which a fine class is line-like
+ANISOTROPIC = 0.5  # boundary coherence above which 90-degree turns are off
+RARE_CROP_TARGET = 0.3  # share of crops centred on the rare classes (together)
+# tile bounds per device: on a CPU, tiles above 256 px cost more steps than their context
+# gives (nasa-ebc, 600 s: 384 px 513 steps val mIoU 0.763, 256 px 843 steps 0.780; README)
+TILE_MIN, TILE_CAP = {"cpu": 128, "cuda": 256}, {"cpu": 256, "cuda": 1024}
+
+
+@dataclass
+class Device:
+    """What the plan knows of where a run goes: its kind and effective GFLOP/s."""
+
+    kind: str  # cpu | cuda
+    name: str
+    gflops: float
+    how: str
+
+    @classmethod
+    def of(cls, spec: str, precision: str = "auto") -> Device:
+        dev = resolve_device(spec)
+        if dev.type == "cuda":
+            name = torch.cuda.get_device_name(dev)
+            peak = gpu_peak_tflops(name) or GPU_FALLBACK_TFLOPS
+            return cls(
+                "cuda",
+                name,
+                peak * 1e3 * GPU_EFFICIENCY,
+                f"{GPU_EFFICIENCY:.0%} of {peak:g} TFLOP/s bf16",
+            )
+        cpu = cpu_peak()
+        bf16 = cpu["native_bf16"] and precision in ("auto", "bf16")
+        eff = CPU_EFFICIENCY["bf16" if bf16 else "fp32"]
+        return cls(
+            "cpu",
+            f"{cpu['cores']} cores of {cpu['cpu']}",
+            cpu["fp32_peak_gflops"] * eff,
+            f"{eff:.0%} of the {cpu['fp32_peak_gflops']:g} GFLOP/s fp32 peak "
+            f"({'bf16' if bf16 else 'fp32'})",
+        )
+
+
+@dataclass
+class Plan:
+    """The values chosen for ``auto`` keys and why, plus the estimates they rest on."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+    estimates: dict[str, Any] = field(default_factory=dict)
+
+    def set(self, key: str, value: Any, reason: str) -> None:
+        self.values[key], self.reasons[key] = value, reason
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "values": self.values,
+            "reasons": self.reasons,
+            "estimates": self.estimates,
+        }
+
+
+@lru_cache(maxsize=16)
+def train_flops_per_pixel(model_json: str, num_classes: int) -> float:
+    """Model FLOPs of one training step per input pixel (forward x 3 for the backward),
+    counted by torch's flop counter on the meta device (no memory, no compute)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from srpu_pipelines.config import ModelParams
+    from srpu_pipelines.models.factory import model_from_params
+
+    mp = ModelParams.model_validate({**json.loads(model_json), "weights": None})
+    with torch.device("meta"):
+        model = model_from_params(mp, num_classes)
+    x = torch.zeros(1, mp.in_channels, 64, 64, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    return 3.0 * counter.get_total_flops() / (64 * 64)
+
+
+def _classes(fp: dict[str, Any]) -> tuple[str, list[str], list[str]]:
+    """(the dominant class, the others present, the fine ones among them: thinner than
+    THIN_PX, which a blur would wipe out)."""
+    cls = {k: v for k, v in fp["classes"].items() if v["share"] > 0}
+    dominant = max(cls, key=lambda k: cls[k]["share"])
+    others = [k for k in cls if k != dominant]
+    fine = [k for k in others if cls[k]["thickness"] < THIN_PX]
+    return dominant, others, fine
+
+
+def _thin(fp: dict[str, Any]) -> list[str]:
+    """Fine classes that are also line-like (cracks, grain boundaries): their pixels are
+    few, their length is what matters."""
+    _, _, fine = _classes(fp)
+    return [k for k in fine if fp["classes"][k]["elongation"] >= ELONGATED]
+
+
+def _round32(x: float) -> int:
+    return max(32, int(math.ceil(x / 32.0)) * 32)
+
+
+def _steps(setup: StageSetup, dev: Device, fpp: float, tile: int, batch: int) -> int:
+    """Optimiser steps the budget allows at this tile and batch (the step budget caps)."""
+    tp = setup.train
+    if tp.budget_s is None:
+        return tp.total_steps
+    step_s = fpp * batch * tile * tile / (dev.gflops * 1e9)
+    return int(min(tp.total_steps, tp.budget_s / (1 + VAL_SHARE) / step_s))
+
+
+def _batch(plan: Plan, dev: Device, tile_guess: int) -> int:
+    if dev.kind == "cpu":
+        plan.set(
+            "batch_size",
+            8,
+            "CPU: 8 tiles keep the cores' matrix units busy; more "
+            "would cost steps, which a small labelled set needs more",
+        )
+        return 8
+    b = int(min(64, max(8, 2 ** round(math.log2((1 << 21) / tile_guess**2)))))
+    plan.set("batch_size", b, f"GPU: about 2 M pixels a step at tile {tile_guess}")
+    return b
+
+
+def _tile(plan: Plan, setup: StageSetup, fp: dict, dev: Device, fpp: float, batch: int) -> int:
+    _, others, _ = _classes(fp)
+    context = max((fp["classes"][k]["extent"] for k in others), default=128.0)
+    side = min(fp["height"]["min"], fp["width"]["min"])
+    lo, cap = TILE_MIN[dev.kind], min(TILE_CAP[dev.kind], max(32, side // 32 * 32))
+    want = min(_round32(1.5 * context), cap)
+    tile = max(min(lo, cap), want)
+    need = min(MIN_STEPS, setup.train.total_steps)  # a step budget: steps do not depend on it
+    while tile > min(lo, cap) and _steps(setup, dev, fpp, tile, batch) < need:
+        tile -= 32
+    est = _steps(setup, dev, fpp, tile, batch)
+    why = (
+        f"1.5 x the largest structures' extent ({context:.0f} px, area-weighted) = "
+        f"{_round32(1.5 * context)}, within {min(lo, cap)}..{cap} (device, smallest image "
+        f"side {side})"
+    )
+    if tile < want:
+        why += f"; lowered to {tile} so that the budget still gives >= {need} steps"
+    plan.set("tile_size", tile, why + f" (about {est} steps)")
+    return tile
+
+
+def _class_weights(plan: Plan, fp: dict, names: list[str]) -> list[float]:
+    shares = [fp["classes"][n]["share"] for n in names]
+    top = max(shares)
+    w = [round(min(10.0, max(1.0, math.sqrt(top / s))), 2) if s > 0 else 1.0 for s in shares]
+    plan.set(
+        "loss.class_weights",
+        w,
+        "sqrt(largest class share / class share), within 1..10: shares "
+        + ", ".join(f"{s:.4f}" for s in shares),
+    )
+    return w
+
+
+def _loss(plan: Plan, setup: StageSetup, fp: dict) -> LossParams:
+    base = setup.train.loss
+    if isinstance(base, LossParams) and base.class_weights != "auto":
+        return base
+    w = _class_weights(plan, fp, setup.class_names)
+    if isinstance(base, LossParams):
+        return base.model_copy(update={"class_weights": w})
+    thin = _thin(fp)
+    loss = LossParams(
+        ce_weight=1.0,
+        dice_weight=1.0,
+        class_weights=w,
+        skeleton_weight=SKELETON_WEIGHT if thin else 0.0,
+        skeleton_classes=thin if SKELETON_WEIGHT else [],
+    )
+    why = (
+        "cross-entropy (class-weighted) for every pixel + soft Dice, which weighs each class "
+        "equally whatever its share"
+    )
+    if thin and SKELETON_WEIGHT:
+        th = ", ".join(
+            f"{k} {fp['classes'][k]['thickness']:.1f} px thick, elongation "
+            f"{fp['classes'][k]['elongation']:.0f}"
+            for k in thin
+        )
+        why += (
+            f"; + skeleton recall for the line-like classes ({th}: under {THIN_PX:g} px, "
+            f"elongation >= {ELONGATED:g})"
+        )
+    plan.set("loss", loss.model_dump(mode="json"), why)
+    return loss
+
+
+def _rare_crop(plan: Plan, fp: dict, rare_share: float) -> float:
+    present = [k for k, v in fp["classes"].items() if v["share"] > 0]
+    rare = [k for k in present if fp["classes"][k]["share"] < rare_share]
+    if not rare:
+        p = 0.25
+        why = (
+            f"no class under {rare_share:.0%} of the pixels: a quarter of crops centred on "
+            "a drawn class"
+        )
+    else:
+        p = round(min(0.95, max(0.25, RARE_CROP_TARGET * len(present) / len(rare))), 2)
+        why = (
+            f"{len(rare)} of {len(present)} classes under {rare_share:.0%} of the pixels: "
+            f"{RARE_CROP_TARGET:.0%} of crops centred on them (the centre class is drawn "
+            f"uniformly, so {RARE_CROP_TARGET:g} x {len(present)} / {len(rare)})"
+        )
+    plan.set("rare_crop_prob", p, why)
+    return p
+
+
+def _augment(plan: Plan, fp: dict) -> AugmentParams:
+    _, others, thin = _classes(fp)
+    aniso = max((fp["classes"][k]["anisotropy"] for k in others), default=0.0)
+    aug = AugmentParams(
+        flips=True,
+        rotate90=aniso < ANISOTROPIC,
+        brightness_contrast=0.2,
+        gamma=0.2,
+        noise=0.03,
+        blur=0.0 if thin else 0.2,
+    )
+    why = [
+        "flips always (a micrograph has no handedness)",
+        f"90-degree turns {'on' if aug.rotate90 else 'off'} (boundary anisotropy "
+        f"{aniso:.2f}; off from {ANISOTROPIC:g}, where structures share one direction)",
+        "brightness/contrast 0.2 and gamma 0.2 (the input is standardised per image, which "
+        "removes linear brightness and contrast differences between images)",
+        "blur " + (f"off: {', '.join(thin)} thinner than {THIN_PX:g} px" if thin else "0.2"),
+    ]
+    plan.set("augment", aug.model_dump(mode="json"), "; ".join(why))
+    return aug
+
+
+def _resolution(fp: dict[str, Any]) -> str:
+    """What the plan says of resolution (it trains at the images' own pixels)."""
+    _, _, fine = _classes(fp)
+    sizes = {d: v.get("pixel_size_nm") for d, v in fp.get("datasets", {}).items()}
+    known = {d: s for d, s in sizes.items() if s}
+    why = "native pixels"
+    if fine:
+        why += f" (never downsampled: {', '.join(fine)} under {THIN_PX:g} px thick)"
+    if len(known) > 1 and max(known.values()) / min(known.values()) > 1.25:
+        listed = ", ".join(f"{d} {s:g} nm" for d, s in sorted(known.items()))
+        why += (
+            f"; the sub-datasets' pixel sizes differ ({listed}): SRPU does not resample "
+            "them to one size yet, so the model sees each at its own scale"
+        )
+    elif not known:
+        why += "; pixel sizes unknown (data.datasets[].pixel_size_nm)"
+    return why
+
+
+def _val_every(
+    plan: Plan, setup: StageSetup, dev: Device, fpp: float, tile: int, batch: int, val_px: int
+) -> int:
+    """Validate every epoch unless that would cost more than VAL_SHARE of the training
+    time: full-size validation images in overlapping windows, forward passes only."""
+    tp, inf = setup.train, setup.inference
+    windows = 1.0 / (1.0 - inf.overlap) ** 2
+    val_s = val_px * windows * fpp / 3.0 / (dev.gflops * 1e9)
+    epoch_s = tp.steps_per_epoch * fpp * batch * tile * tile / (dev.gflops * 1e9)
+    v = max(1, math.ceil(val_s / (VAL_SHARE * epoch_s))) if val_px else 1
+    plan.set(
+        "val_every",
+        v,
+        f"a validation (~{val_s:.1f} s: {val_px / 1e6:.2f} M pixels in windows overlapping "
+        f"{inf.overlap:g}) at most {VAL_SHARE:.0%} of the ~{epoch_s:.0f} s of training "
+        "between two: the best checkpoint is picked often, at little cost",
+    )
+    return v
+
+
+def make_plan(
+    setup: StageSetup, fp: dict[str, Any], dev: Device, rare_share: float, val_pixels: int = 0
+) -> Plan:
+    """The plan for ``setup``'s ``auto`` keys (explicit values are taken as they are)."""
+    tp, plan = setup.train, Plan()
+    fpp = train_flops_per_pixel(setup.model.model_dump_json(), setup.num_classes)
+    plan.estimates.update(
+        device=dev.name,
+        gflops=round(dev.gflops, 1),
+        how=dev.how,
+        train_mflop_per_pixel=round(fpp / 1e6, 4),
+    )
+    guess = tp.tile_size if tp.tile_size != "auto" else 256
+    batch = _batch(plan, dev, guess) if tp.batch_size == "auto" else tp.batch_size
+    tile = _tile(plan, setup, fp, dev, fpp, batch) if tp.tile_size == "auto" else tp.tile_size
+    steps = _steps(setup, dev, fpp, tile, batch)
+    plan.estimates["steps"] = steps
+    plan.estimates["resolution"] = _resolution(fp)
+    if tp.lr == "auto":
+        lr = round(2e-3 * math.sqrt(batch / 8), 6)
+        plan.set("lr", lr, f"AdamW 2e-3 at 8 tiles, x sqrt(batch / 8) for batch {batch}")
+    if tp.warmup_steps == "auto":
+        w = int(min(500, max(10, round(0.04 * steps))))
+        plan.set("warmup_steps", w, f"4 % of the ~{steps} planned steps, within 10..500")
+    if tp.val_every == "auto":
+        _val_every(plan, setup, dev, fpp, tile, batch, val_pixels)
+    if tp.rare_crop_prob == "auto":
+        _rare_crop(plan, fp, rare_share)
+    loss = _loss(plan, setup, fp)
+    if tp.augment == "auto":
+        _augment(plan, fp)
+    if loss is not tp.loss:
+        plan.values["loss"] = loss.model_dump(mode="json")
+    return plan
+
+
+def planned_keys(setup: StageSetup) -> list[str]:
+    """The train keys of ``setup`` left ``auto``."""
+    tp = setup.train
+    out = [k for k in PLANNED_TRAIN_KEYS if "." not in k and getattr(tp, k) == "auto"]
+    if isinstance(tp.loss, LossParams) and tp.loss.class_weights == "auto":
+        out.append("loss.class_weights")
+    return out
+
+
+def apply_plan(setup: StageSetup, plan: Plan) -> StageSetup:
+    """``setup`` with the plan's values in place of its ``auto`` keys."""
+    update = {k: v for k, v in plan.values.items() if "." not in k}
+    tp = setup.train.model_validate({**setup.train.model_dump(mode="json"), **update})
+    return setup.model_copy(update={"train": tp})
+
+
+def plan_stage(
+    setup: StageSetup, index: dict[str, Any], saved: dict[str, Any] | None = None
+) -> tuple[StageSetup, Plan | None]:
+    """Resolve ``setup``'s ``auto`` keys from the fingerprint of its training images
+    (``train.splits``, ``train.datasets``) on its device; (setup, None) when none is auto.
+
+    ``saved`` (a run's ``plan.json``) is taken as it is when it was made from the same
+    inputs (fingerprint, settings, model, validation pixels, device): a rerun or a resumed
+    run keeps its plan even where the measured clock of the CPU moves between calls."""
+    if not planned_keys(setup):
+        return setup, None
+    tp = setup.train
+    items = select_items(index, tp.splits, tp.datasets)
+    fp = fingerprint(items, setup.class_names, index.get("pixel_size_nm"))
+    val = select_items(index, [tp.val_split], tp.datasets)
+    val_px = sum(it["height"] * it["width"] for it in val)
+    dev = Device.of(tp.device, tp.precision)
+    inputs = {
+        "fingerprint": fp["mask_sha256"],
+        "setup": setup.model_dump(mode="json"),
+        "val_pixels": val_px,
+        "device": [dev.kind, dev.name],
+        "version": PLAN_VERSION,
+    }
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    if saved and saved.get("estimates", {}).get("inputs_sha256") == key:
+        plan = Plan(saved["values"], saved["reasons"], saved["estimates"])
+    else:
+        plan = make_plan(setup, fp, dev, setup.rare_fraction, val_px)
+        plan.estimates.update(fingerprint_sha256=fp["mask_sha256"], inputs_sha256=key)
+    return apply_plan(setup, plan), plan
+
+
+def plan_rows(plan: Plan) -> list[tuple[str, Any, str]]:
+    """(key, value, reason) per planned key, in plan order."""
+    return [(k, plan.values.get(k), plan.reasons[k]) for k in plan.reasons]
+
+
+def plan_markdown(plan: Plan) -> str:
+    """The plan as a markdown table (the Dagster asset's metadata)."""
+    rows = ["| key | value | why |", "| --- | --- | --- |"]
+    rows += [f"| {k} | `{v}` | {why} |" for k, v, why in plan_rows(plan)]
+    est = plan.estimates
+    rows.append(
+        f"\n{est.get('device')}: ~{est.get('gflops')} GFLOP/s ({est.get('how')}); "
+        f"~{est.get('steps')} steps planned"
+    )
+    return "\n".join(rows)
+
+
+def plan_document(setups: dict[str, StageSetup], index: dict[str, Any]) -> dict[str, Any]:
+    """What ``srpu plan`` prints: the training images' fingerprint and, per stage, each
+    planned key with its value and reason, and the estimates behind them."""
+    first = next(iter(setups.values()))
+    tp = first.train
+    items = select_items(index, tp.splits, tp.datasets)
+    fp = fingerprint(items, first.class_names, index.get("pixel_size_nm"))
+    doc: dict[str, Any] = {"fingerprint": fp, "stages": {}}
+    for name, setup in setups.items():
+        _, plan = plan_stage(setup, index)
+        if plan is None:
+            doc["stages"][name] = "no key is auto: every value is explicit"
+            continue
+        doc["stages"][name] = {
+            "plan": {k: {"value": v, "why": why} for k, v, why in plan_rows(plan)},
+            "estimates": plan.estimates,
+        }
+    return doc
