@@ -391,6 +391,7 @@ def cmd_bench(params: Params, args: argparse.Namespace) -> int:
         work_dir=Path(args.work_dir),
         peer_script=Path(args.peer) if args.peer else None,
         progress=not args.quiet,
+        keep_weights=args.keep_weights,
     )
     print(json.dumps(res, indent=2))
     return 0
@@ -523,6 +524,11 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="../shared/bench/peer_baseline.py",
         help="also run the peer loop (default script ../shared/bench/peer_baseline.py)",
+    )
+    b.add_argument(
+        "--keep-weights",
+        action="store_true",
+        help="keep each run's best.pt (~50 MB; by default only the figures stay)",
     )
     b.add_argument("--work-dir", default="outputs/bench/supervised", help="where runs are written")
     b.set_defaults(func=cmd_bench)

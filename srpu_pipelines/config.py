@@ -238,6 +238,11 @@ class LoopParams(_Strict):
         description="with several GPU processes, BatchNorm statistics over the global batch "
         "(auto: on there; CPU processes keep their own, SyncBatchNorm runs on GPUs only)",
     )
+    ema: Annotated[float, Field(ge=0, lt=1)] | Literal["auto"] = Field(
+        default=0.0,
+        description="decay of an exponential moving average of the weights, which is what "
+        "validation scores and best.pt keeps (0: off; auto: the plan, from the steps)",
+    )
     checkpoint_every_s: float = Field(
         default=30,
         ge=0,
@@ -268,6 +273,7 @@ PLANNED_TRAIN_KEYS = (
     "warmup_steps",
     "rare_crop_prob",
     "val_every",
+    "ema",
     "loss",
     "loss.class_weights",
     "augment",
@@ -290,6 +296,9 @@ class TrainParams(LoopParams):
     val_split: str = "val"
     val_every: Annotated[int, Field(ge=1)] | Auto = Field(
         default=1, description="validate every N epochs (and the last)"
+    )
+    ema: Annotated[float, Field(ge=0, lt=1)] | Auto = Field(
+        default=0.0, description="weight-average decay (0: off; auto: the plan)"
     )
     val_time_share: float = Field(
         default=0.25,
@@ -390,6 +399,11 @@ class InferenceParams(_Strict):
     precision: PrecisionName = Field(default="auto", description=_PRECISION_HELP)
     device: str = Field(default="auto", pattern=_DEVICE_PATTERN, description=_DEVICE_HELP)
     channels_last: Switch = "auto"
+    tta: Literal["off", "flips"] = Field(
+        default="off",
+        description="evaluate and predict: average each window's probabilities over its "
+        "4 flips (4x the time; validation during training never does)",
+    )
 
     @field_validator("tile_size")
     @classmethod
@@ -746,7 +760,7 @@ def _error_lines(err: ValidationError, prefix: str = "") -> list[str]:
             msg = "unknown key (check the spelling; see params.yaml for the valid keys)"
         elif e["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
-        elif e["type"] == "literal_error" and "'auto'" in msg:
+        elif e["type"] == "literal_error" and msg == "Input should be 'auto'":
             msg = "or 'auto'"
         got = e.get("input")
         quiet = ("extra_forbidden", "missing", "value_error", "assertion_error")
@@ -784,6 +798,25 @@ def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
         raise ParamsError(_format_errors(source, e)) from None
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML as params files mean it: only true/false are booleans (YAML 1.2, as DVC reads
+    params.yaml). YAML 1.1 would turn ``compile: off`` into False, which no key takes."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def read_yaml(text: str) -> Any:
+    """Parse params YAML (a file or a ``--set`` value) with YAML 1.2 booleans."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
     """Read params.yaml, apply ``a.b.c=value`` overrides (YAML-typed values), validate.
 
@@ -793,7 +826,7 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = read_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
@@ -802,5 +835,5 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
         if "=" not in ov:
             raise ParamsError(f"override {ov!r}: expected KEY=VALUE, e.g. train.epochs=5")
         key, val = ov.split("=", 1)
-        _set_dotted(raw, key.strip(), yaml.safe_load(val))
+        _set_dotted(raw, key.strip(), read_yaml(val))
     return parse_params(raw, str(path))

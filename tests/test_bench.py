@@ -157,3 +157,7 @@ def test_bench_supervised_sets_peer_and_resume(demo_params, tmp_path, monkeypatc
     assert again == res
     with pytest.raises(ValueError, match="not both"):
         sup.bench_supervised(sets, 1, 60.0, 2, work, peer_script=peer, progress=False)
+    monkeypatch.undo()
+    kept = tmp_path / "kept"
+    sup.bench_supervised({"a": demo_params}, 1, None, 1, kept, progress=False, keep_weights=True)
+    assert [p.name for p in kept.rglob("*.pt")] == ["best.pt"]

@@ -63,6 +63,28 @@ def test_overrides_are_typed(tmp_path):
         load_params(f, ["train.epochs"])
 
 
+def test_on_and_off_are_words_and_auto_keys_name_their_choices(tmp_path):
+    """YAML 1.1 reads `off` as False, which no switch takes: params files and --set
+    values read `on`/`off` as the words they are (only true/false are booleans)."""
+    import yaml
+
+    d = tiny_params_dict(tmp_path)
+    d["train"]["compile"] = "OFF_MARK"
+    f = tmp_path / "p.yaml"
+    f.write_text(yaml.safe_dump(d).replace("OFF_MARK", "off"))
+    p = load_params(f, ["train.channels_last=on", "train.resume=false", "train.augment.flips=no"])
+    assert (p.train.compile, p.train.channels_last) == ("off", "on")
+    assert p.train.resume is False and p.train.augment.flips is False
+    with pytest.raises(ParamsError) as e:
+        load_params(f, ["train.tile_size=100", "train.compile=maybe"])
+    msg = str(e.value)
+    assert "train.tile_size: Input should be a multiple of 32, or 'auto' (got 100)" in msg
+    assert "train.compile: Input should be 'auto', 'on' or 'off' (got 'maybe')" in msg
+    with pytest.raises(ParamsError, match=r"stages\.0\.train\.lr: .*or 'auto' \(got 'fast'\)"):
+        load_params(ROOT / "params.yaml", ["stages.0.train.lr=fast"])
+    assert load_params(f, ["train.lr=auto", "train.loss=auto"]).train.loss == "auto"
+
+
 def test_missing_and_broken_files(tmp_path: Path):
     with pytest.raises(ParamsError, match="not found"):
         load_params(tmp_path / "nope.yaml")

@@ -31,6 +31,23 @@ def test_sliding_window_reproduces_the_pointwise_answer(shape):
     assert np.array_equal(probs.argmax(0), (img > 0).astype(np.int64))
 
 
+class LeftHalf(torch.nn.Module):
+    """Class 1 on the left half of every window: flips average it to 0.5 everywhere."""
+
+    def forward(self, x):
+        t = x.shape[-1]
+        left = (torch.arange(t) < t // 2).float().expand_as(x) * 20 - 10
+        return torch.cat([-left, left], 1)
+
+
+def test_flip_averaging_undoes_each_flip_before_it_averages():
+    img = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    same = predict_probs(Threshold(), img, tile=32, overlap=0.5, batch_size=3, flips=True)
+    assert np.array_equal(same.argmax(0), (img > 0).astype(np.int64))  # flip-equivariant
+    half = predict_probs(LeftHalf(), img, tile=64, overlap=0.0, flips=True)
+    assert np.allclose(half, 0.5, atol=1e-3)  # a left-right flip moves the half across
+
+
 def test_scores_from_a_known_confusion_matrix():
     cm = np.array([[8, 2, 0], [1, 9, 0], [0, 0, 0]])
     s = scores_from_confusion(cm, ["a", "b", "c"])

@@ -154,3 +154,30 @@ def test_the_package_has_one_backward_and_short_training_functions():
         if n > 80
     ]
     assert not long, long
+
+
+def test_the_weight_average_resumes_and_is_what_is_scored(tmp_path):
+    from srpu_pipelines.models.checkpoint import read_checkpoint
+
+    scored = []
+
+    class Averaged(TinyTask):
+        def on_epoch_end(self, loop, rec):
+            scored.append(loop.eval_model is loop.ema.module)
+            return None
+
+    def avg(name: str, steps: int):
+        lp = tiny_params(tmp_path / name, 4, steps, ema=0.5)
+        res = run_task(Averaged(lp, 0), progress=False)
+        state, _ = read_checkpoint(tmp_path / name / "last.pt")
+        return res, state
+
+    straight, s = avg("straight", 4)
+    avg("cut", 2)  # interrupted after 2 of its 4 steps (the same run: one fingerprint)
+    resumed, r = avg("cut", 4)
+    assert resumed.resumed and resumed.step_losses == straight.step_losses[2:]
+    assert s["ema"]["updates"] == r["ema"]["updates"] == 4 and all(scored)
+    for k, v in s["ema"]["weights"].items():
+        assert torch.allclose(v, r["ema"]["weights"][k], atol=1e-12)
+    # the average trails the live weights
+    assert not torch.allclose(s["ema"]["weights"]["0.weight"], s["model"]["0.weight"])

@@ -56,6 +56,7 @@ def _predict(model, cfg: dict, image01: np.ndarray, params: Params) -> np.ndarra
         precision=rt.precision,
         in_channels=cfg["in_channels"],
         channels_last=rt.channels_last,
+        flips=inf.tta == "flips",
     )
 
 

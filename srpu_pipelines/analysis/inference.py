@@ -34,6 +34,22 @@ def window_starts(size: int, tile: int, stride: int) -> list[int]:
     return sorted(set(list(range(0, size - tile + 1, stride)) + [size - tile]))
 
 
+_FLIPS = ((), (3,), (2,), (2, 3))  # none, left-right, up-down, both
+
+
+def _window_probs(model: nn.Module, batch: torch.Tensor, prec: Precision, flips: bool):
+    """Softmax (N, C, T, T) of a batch of windows, averaged over their flips if asked."""
+    out = None
+    for dims in _FLIPS if flips else ((),):
+        with prec.autocast():
+            logits = model(batch.flip(dims) if dims else batch)
+        p = logits.float().softmax(1)
+        p = p.flip(dims) if dims else p
+        out = p if out is None else out + p
+    assert out is not None
+    return out / (len(_FLIPS) if flips else 1)
+
+
 @torch.no_grad()
 def iter_prob_bands(
     model: nn.Module,
@@ -44,11 +60,14 @@ def iter_prob_bands(
     precision: Precision | None = None,
     in_channels: int = 1,
     channels_last: bool = False,
+    flips: bool = False,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(y0, probs)`` for consecutive row bands of a standardised (H, W) image:
     ``probs`` is float32 (C, rows, W) on the model's device, rows y0..y0+rows-1, final.
 
     The grey image is repeated ``in_channels`` times for models that take more channels.
+    With ``flips``, each window's probabilities are the mean over the window and its
+    horizontal, vertical and double flips (test-time augmentation).
     """
     model.eval()
     device = module_device(model)
@@ -72,9 +91,7 @@ def iter_prob_bands(
         batch = batch.to(device, non_blocking=True).expand(-1, in_channels, -1, -1)
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        with prec.autocast():
-            logits = model(batch)
-        probs = logits.float().softmax(1) * win
+        probs = _window_probs(model, batch, prec, flips) * win
         need = max(r for r, _ in chunk) + tile - buf0  # band rows this chunk reaches
         if acc is None:
             acc = torch.zeros(probs.shape[1], need, wp, device=device)

@@ -21,7 +21,7 @@ from srpu_pipelines.training.trainer import train_stage
 
 
 def _srpu_run(
-    p: Params, index: dict, seed: int, budget_s, steps, out: Path, progress: bool
+    p: Params, index: dict, seed: int, budget_s, steps, out: Path, progress: bool, keep: bool
 ) -> dict[str, Any]:
     p = p.model_copy(deep=True)
     p.seed = seed
@@ -37,7 +37,7 @@ def _srpu_run(
             p, index, res.best_checkpoint, split, out / f"eval_{split}", progress=progress
         )
         extra[split] = {"miou": round(e["miou"], 4), "per_class_iou": _r(e["iou"])}
-    drop_weights(out)
+    drop_weights(out, keep="best.pt" if keep else None)
     plan = res.info.get("plan")
     return {
         "seed": seed,
@@ -82,17 +82,11 @@ def _summary(runs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     return out
 
 
-def bench_set(
-    name: str,
-    params: Params,
-    seeds: int,
-    budget_s: float | None,
-    steps: int | None,
-    work_dir: Path,
-    peer_script: Path | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """One data set: SRPU (and the peer) per seed; finished runs are read back."""
+def bench_set(name: str, params: Params, **run: Any) -> dict[str, Any]:
+    """One data set: SRPU (and the peer) per seed; finished runs are read back. ``run``:
+    the keywords of :func:`bench_supervised` after ``sets``."""
+    seeds, budget_s, steps, work_dir = run["seeds"], run["budget_s"], run["steps"], run["work_dir"]
+    peer_script = run.get("peer_script")
     index = build_index(params, show_progress=False)
     loops = ["srpu"] + (["peer"] if peer_script else [])
     out: dict[str, Any] = {"test_split": params.evaluate.split}
@@ -105,7 +99,8 @@ def bench_set(
                 continue
             if loop == "srpu":
                 run_dir = work_dir / name / "srpu" / f"seed{seed}"
-                r = _srpu_run(params, index, seed, budget_s, steps, run_dir, progress)
+                progress, keep = run.get("progress", True), run.get("keep_weights", False)
+                r = _srpu_run(params, index, seed, budget_s, steps, run_dir, progress, keep)
             else:
                 r = _peer_run(params, index, seed, budget_s, steps, work_dir / name, peer_script)
             atomic_write_json(done, r)
@@ -126,6 +121,7 @@ def bench_supervised(
     work_dir: Path,
     peer_script: Path | None = None,
     progress: bool = True,
+    keep_weights: bool = False,
 ) -> dict[str, Any]:
     """Train from scratch on ``train.splits`` per set and seed under the budget (a time
     budget, a step budget, or both: whichever ends first); score ``evaluate.split``.
@@ -150,7 +146,17 @@ def bench_supervised(
         "sets": {
             name: {
                 "model": p.model.model_dump(mode="json"),
-                **bench_set(name, p, seeds, budget_s, steps, work_dir, peer_script, progress),
+                **bench_set(
+                    name,
+                    p,
+                    seeds=seeds,
+                    budget_s=budget_s,
+                    steps=steps,
+                    work_dir=work_dir,
+                    peer_script=peer_script,
+                    progress=progress,
+                    keep_weights=keep_weights,
+                ),
             }
             for name, p in sets.items()
         },

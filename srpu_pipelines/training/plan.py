@@ -33,6 +33,7 @@ CPU_EFFICIENCY = {"bf16": 0.9, "fp32": 0.35}
 GPU_EFFICIENCY = 0.25
 GPU_FALLBACK_TFLOPS = 50.0  # an unknown GPU: a mid-range card's bf16 peak
 MIN_STEPS = 300  # optimiser steps a run needs to converge (the tile shrinks to reach it)
+EMA_HORIZON = 0.05  # the weight average's time constant, a share of the planned steps
 VAL_SHARE = 0.1  # share of the training time validation may take
 THIN_PX = 8.0  # a class thinner than this (px) is thin: no blur, full resolution
 SKELETON_WEIGHT = 0.0  # skeleton recall for line-like classes: off, it lost on nasa-ebc (README)
@@ -334,6 +335,14 @@ def make_plan(
         plan.set("warmup_steps", w, f"4 % of the ~{steps} planned steps, within 10..500")
     if tp.val_every == "auto":
         _val_every(plan, setup, dev, fpp, tile, batch, val_pixels)
+    if tp.ema == "auto":
+        tau = max(10.0, EMA_HORIZON * steps)
+        plan.set(
+            "ema",
+            round(1.0 - 1.0 / tau, 5),
+            f"weights averaged over the last ~{tau:.0f} steps ({EMA_HORIZON:.0%} of the "
+            f"~{steps} planned): the scored and kept weights move less from step to step",
+        )
     if tp.rare_crop_prob == "auto":
         _rare_crop(plan, fp, rare_share)
     loss = _loss(plan, setup, fp)

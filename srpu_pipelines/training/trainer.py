@@ -276,7 +276,7 @@ class StageTask(Task):
         if not (due or loop.finishing):
             return None
         t = time.monotonic()
-        scores = validate(loop.model, self.val_samples, self.setup, loop)
+        scores = validate(loop.eval_model, self.val_samples, self.setup, loop)
         self.train_mode(loop.model)
         self.val_seconds += time.monotonic() - t
         rec.update(val_miou=scores["miou"], val_iou=scores["iou"], val_mdice=scores["mdice"])
@@ -291,7 +291,8 @@ class StageTask(Task):
             "val_miou": rec.get("val_miou"),
             "fingerprint": loop.fingerprint,
         }
-        weights = {k: v.detach().to("cpu", copy=True) for k, v in loop.model.state_dict().items()}
+        state = loop.eval_model.state_dict()
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
         self._best = (weights, {**self.config(), **meta, "score": loop.best})
 
     def save_outputs(self, loop: Loop, rec: dict[str, Any]) -> None:
