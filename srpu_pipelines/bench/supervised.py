@@ -82,11 +82,19 @@ def _summary(runs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     return out
 
 
-def bench_set(name: str, params: Params, **run: Any) -> dict[str, Any]:
-    """One data set: SRPU (and the peer) per seed; finished runs are read back. ``run``:
-    the keywords of :func:`bench_supervised` after ``sets``."""
-    seeds, budget_s, steps, work_dir = run["seeds"], run["budget_s"], run["steps"], run["work_dir"]
-    peer_script = run.get("peer_script")
+def bench_set(
+    name: str,
+    params: Params,
+    *,
+    seeds: int,
+    budget_s: float | None,
+    steps: int | None,
+    work_dir: Path,
+    peer_script: Path | None = None,
+    progress: bool = True,
+    keep_weights: bool = False,
+) -> dict[str, Any]:
+    """One data set: SRPU (and the peer) per seed; finished runs are read back."""
     index = build_index(params, show_progress=False)
     loops = ["srpu"] + (["peer"] if peer_script else [])
     out: dict[str, Any] = {"test_split": params.evaluate.split}
@@ -99,8 +107,7 @@ def bench_set(name: str, params: Params, **run: Any) -> dict[str, Any]:
                 continue
             if loop == "srpu":
                 run_dir = work_dir / name / "srpu" / f"seed{seed}"
-                progress, keep = run.get("progress", True), run.get("keep_weights", False)
-                r = _srpu_run(params, index, seed, budget_s, steps, run_dir, progress, keep)
+                r = _srpu_run(params, index, seed, budget_s, steps, run_dir, progress, keep_weights)
             else:
                 r = _peer_run(params, index, seed, budget_s, steps, work_dir / name, peer_script)
             atomic_write_json(done, r)
