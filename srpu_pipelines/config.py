@@ -103,18 +103,38 @@ class DataParams(_Strict):
 
 
 class ModelParams(_Strict):
+    """The network. ``model: auto`` (or ``encoder: auto`` / ``decoder_channels: auto``)
+    leaves its size to the plan: the largest of a ladder the budget still trains for
+    enough steps (training/plan.py, ``plan_model``)."""
+
     arch: str = "unet"
-    encoder: str = "resnet18"
+    encoder: str = Field(default="resnet18", description="smp encoder, tu-<timm model> or auto")
     in_channels: int = Field(default=1, ge=1, le=4)
     encoder_depth: int = Field(default=5, ge=3, le=5)
-    decoder_channels: list[int] | None = Field(
-        default=None, description="U-Net-family decoder widths, one per encoder stage"
+    decoder_channels: list[int] | None | Literal["auto"] = Field(
+        default=None, description="U-Net-family decoder widths, one per encoder stage, or auto"
     )
     weights: Path | None = Field(default=None, description="local state_dict to start from")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _auto(cls, v: Any) -> Any:
+        if v == "auto":  # model: auto = the plan picks encoder and decoder widths
+            return {"encoder": "auto", "decoder_channels": "auto"}
+        return v
+
+    @property
+    def is_auto(self) -> bool:
+        return self.encoder == "auto" or self.decoder_channels == "auto"
+
     @model_validator(mode="after")
     def _decoder(self) -> ModelParams:
-        if self.decoder_channels is not None and len(self.decoder_channels) != self.encoder_depth:
+        if self.arch != "unet" and self.is_auto:
+            raise ValueError(
+                f"auto sizes a unet (its ladder); arch {self.arch!r} needs explicit sizes"
+            )
+        widths = self.decoder_channels
+        if isinstance(widths, list) and len(widths) != self.encoder_depth:
             raise ValueError(
                 f"decoder_channels needs {self.encoder_depth} entries (encoder_depth), "
                 f"got {len(self.decoder_channels)}"
@@ -672,6 +692,11 @@ class StageSetup(_Classes):
     model: ModelParams
     train: TrainParams
     inference: InferenceParams
+    model_train: TrainParams | None = Field(
+        default=None,
+        description="the top-level train section model: auto is planned from (one model "
+        "for every stage and the MAE encoder)",
+    )
     rare_fraction: float = Field(default=0.05, gt=0, lt=1, description="data.split.rare_fraction")
 
 
@@ -681,6 +706,9 @@ class PretrainSetup(_Classes):
     seed: int
     model: ModelParams
     pretrain: PretrainParams
+    model_train: TrainParams | None = Field(
+        default=None, description="the top-level train section model: auto is planned from"
+    )
 
 
 def stage_setup(params: Params, name: str | None = None) -> StageSetup:
@@ -694,13 +722,18 @@ def stage_setup(params: Params, name: str | None = None) -> StageSetup:
         model=params.model,
         train=tp,
         inference=params.inference,
+        model_train=params.train if params.model.is_auto else None,
         rare_fraction=params.data.split.rare_fraction,
     )
 
 
 def pretrain_setup(params: Params) -> PretrainSetup:
     return PretrainSetup(
-        seed=params.seed, classes=params.classes, model=params.model, pretrain=params.pretrain
+        seed=params.seed,
+        classes=params.classes,
+        model=params.model,
+        pretrain=params.pretrain,
+        model_train=params.train if params.model.is_auto else None,
     )
 
 

@@ -238,3 +238,56 @@ def test_a_saved_plan_is_kept_while_its_inputs_are_the_same(demo_params, monkeyp
     monkeypatch.setattr(P.Device, "of", classmethod(lambda cls, *a: other))
     _, again = P.plan_stage(stage_setup(p), index, first.as_dict())
     assert again.values == fresh.values
+
+
+def test_model_auto_grows_with_the_budget_and_keeps_explicit_fields(tmp_path):
+    s = _setup(tmp_path)
+    auto = s.model.model_copy(update={"encoder": "auto", "decoder_channels": "auto"})
+    fp = _fp()
+    chosen = {}
+    for budget in (5.0, 10**5):
+        tp = s.train.model_copy(update={"budget_s": budget, "max_steps": 10**6})
+        chosen[budget], why, est = P.choose_model(auto, tp, fp, GPU, 3)
+        assert "steps" in why and set(est["model_steps"]) == {"light", "standard", "large"}
+    # a longer budget (or a faster device) affords a larger model; a short one the smallest
+    flops = {b: P.train_flops_per_pixel(m.model_dump_json(), 3) for b, m in chosen.items()}
+    assert flops[10**5] > flops[5.0]
+    assert chosen[10**5].encoder == "resnet34"
+    slow, _, _ = P.choose_model(auto, s.train, fp, CPU, 3)
+    assert slow.encoder == "resnet18" and slow.decoder_channels == [128, 64, 32, 16, 16]
+    # a step budget alone fixes the steps, not the time: the smallest rung
+    steps_only = s.train.model_copy(update={"budget_s": None, "max_steps": 10**4})
+    m, why, _ = P.choose_model(auto, steps_only, fp, GPU, 3)
+    assert m == slow and "step budget" in why
+    # an explicit encoder stays; only the decoder is planned
+    enc = s.model.model_copy(update={"encoder": "resnet18", "decoder_channels": "auto"})
+    tp = s.train.model_copy(update={"budget_s": 10**5, "max_steps": 10**6})
+    m, _, _ = P.choose_model(enc, tp, fp, GPU, 3)
+    assert m.encoder == "resnet18" and m.decoder_channels == [256, 128, 64, 32, 16]
+
+
+def test_model_auto_is_one_choice_for_stages_and_mae_and_is_kept(demo_params, monkeypatch):
+    from srpu_pipelines.config import pretrain_setup
+    from srpu_pipelines.training.pretrain import MaeTask
+
+    d = json.loads(demo_params.model_dump_json())
+    d["model"] = "auto"
+    d["train"]["budget_s"] = 30.0  # a time budget: the plan weighs the rungs
+    p = parse_params(d)
+    assert p.model.is_auto and p.model.arch == "unet"
+    index = build_index(p, show_progress=False)
+    setup, plan = P.plan_stage(stage_setup(p, p.stages[0].name), index)
+    assert not setup.model.is_auto and plan.values["model"]["encoder"] == setup.model.encoder
+    assert "the largest of" in plan.reasons["model"]
+    saved = p.train.out_dir / "model_plan.json"
+    assert json.loads(saved.read_text())["value"] == setup.model.model_dump(mode="json")
+    # the MAE encoder is the stages' encoder, even once the measured clock has moved
+    real = P.Device.of(p.train.device, p.train.precision)
+    moved = P.Device(real.kind, real.name, real.gflops * 1e-4, "the clock moved")
+    monkeypatch.setattr(P.Device, "of", classmethod(lambda cls, *a: moved))
+    mae = MaeTask(pretrain_setup(p), index)
+    assert mae.setup.model == setup.model
+    last = stage_setup(p, p.stages[-1].name)
+    assert P.plan_stage(last, index)[0].model == setup.model
+    with pytest.raises(ValueError, match="arch 'fpn' needs explicit sizes"):
+        parse_params({**d, "model": {"arch": "fpn", "encoder": "auto"}})

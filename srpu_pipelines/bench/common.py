@@ -35,7 +35,9 @@ def run_setup(
             "max_steps": steps or (UNBOUNDED if budget_s else None),
         }
     )
-    return setup.model_copy(update={"train": tp})
+    # model: auto is planned from this run's budget, as the stages plan from train's
+    mt = tp if setup.model_train is not None else None
+    return setup.model_copy(update={"train": tp, "model_train": mt})
 
 
 def drop_weights(folder: Path, keep: str | None = None) -> None:

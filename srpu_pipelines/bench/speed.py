@@ -32,7 +32,7 @@ from srpu_pipelines.compute import flops as F
 from srpu_pipelines.compute.device import Runtime, resolve_runtime, set_threads
 from srpu_pipelines.config import LoopParams, ModelParams, Params
 from srpu_pipelines.training.loop import Task, run_task
-from srpu_pipelines.training.plan import plan_stage
+from srpu_pipelines.training.plan import plan_model, plan_stage
 from srpu_pipelines.training.trainer import StageTask
 
 SPEED_ARMS = ("default", "light", "peer")
@@ -130,6 +130,9 @@ def bench_speed(
     set_threads(p.train.threads)
     host = _host(rt)
     peak = host["peak_gflops"]
+    if p.model.is_auto:  # the model the plan gives this budget on this device
+        arm = _arm_setup(p, p.model, 0, work_dir / "model_plan", budget_s, steps)
+        p.model = plan_model(p.model, arm.train, p.class_names, index, save=False)[0]
     models = {"default": p.model, "light": light_model(p.model)}
     flops = {
         a: _count_flops(p, models[a], index, work_dir / f"flops_{a}", budget_s, steps)

@@ -12,6 +12,7 @@ from srpu_pipelines.analysis.evaluate import evaluate_checkpoint
 from srpu_pipelines.bench.common import drop_weights, run_setup, spread, subset_index
 from srpu_pipelines.config import Params, pretrain_setup
 from srpu_pipelines.data.index import build_index, select_items
+from srpu_pipelines.training.plan import plan_model
 from srpu_pipelines.training.pretrain import pretrain_mae, pretrain_summary
 from srpu_pipelines.training.trainer import train_stage
 
@@ -39,6 +40,10 @@ def bench_ssl(
     images and the pool; the validation split picks each run's best epoch.
     """
     index = build_index(params, show_progress=False)
+    if params.model.is_auto:  # one model for the MAE encoder and every run it starts
+        tp = run_setup(params, work_dir / "model_plan", budget_s, steps).train
+        mp = plan_model(params.model, tp, params.class_names, index, save=False)[0]
+        params = params.model_copy(update={"model": mp})
     train_ids = sorted(it["id"] for it in select_items(index, ["train"]))
     if max(ks) > len(train_ids):
         raise ValueError(f"bench ssl: k up to {max(ks)} but the train split has {len(train_ids)}")

@@ -193,6 +193,11 @@ def load_weights(model: nn.Module, path: str | Path, require: str | None = None)
 
 def model_from_params(p: Any, num_classes: int, weights: str | Path | None = None) -> nn.Module:
     """``create_model`` from a ``ModelParams``; ``weights`` overrides ``p.weights``."""
+    if p.encoder == "auto" or p.decoder_channels == "auto":
+        raise ValueError(
+            "model: auto is not planned yet (training/plan.py plan_model picks the encoder "
+            "and decoder widths from the data and the budget before a model is built)"
+        )
     return create_model(
         p.arch,
         p.encoder,

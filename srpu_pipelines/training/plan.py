@@ -15,15 +15,24 @@ import json
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from srpu_pipelines.compute.device import resolve_device
 from srpu_pipelines.compute.flops import cpu_peak, gpu_peak_tflops
-from srpu_pipelines.config import PLANNED_TRAIN_KEYS, AugmentParams, LossParams, StageSetup
+from srpu_pipelines.config import (
+    PLANNED_TRAIN_KEYS,
+    AugmentParams,
+    LossParams,
+    ModelParams,
+    StageSetup,
+    TrainParams,
+)
 from srpu_pipelines.data.fingerprint import fingerprint
 from srpu_pipelines.data.index import select_items
+from srpu_pipelines.io.files import atomic_write_json, read_json
 
 # Share of the fp32 peak a whole training run reaches (srpu bench speed, README):
 # bfloat16 on CPUs with AMX/AVX512-BF16 runs at about the fp32 peak, fp32 at about a
@@ -40,6 +49,16 @@ SKELETON_WEIGHT = 0.0  # skeleton recall for line-like classes: off, it lost on 
 ELONGATED = 4.0  # length / thickness from which a fine class is line-like
 ANISOTROPIC = 0.5  # boundary coherence above which 90-degree turns are off
 RARE_CROP_TARGET = 0.3  # share of crops centred on the rare classes (together)
+# model: auto picks the largest rung a time budget trains for MODEL_MIN_STEPS steps (a
+# step budget alone: the smallest). Measured on this CPU at 600 s (README):
+# nasa-super, light decoder 1158 steps val mIoU 0.890, smp's standard decoder 830 steps
+# 0.890: level, so the cheaper one; the light rung plans ~1000 steps there
+MODEL_LADDER = (
+    ("light", "resnet18", (128, 64, 32, 16, 16)),
+    ("standard", "resnet18", (256, 128, 64, 32, 16)),
+    ("large", "resnet34", (256, 128, 64, 32, 16)),
+)
+MODEL_MIN_STEPS = 1000
 # tile bounds per device: on a CPU, tiles above 256 px cost more steps than their context
 # gives (nasa-ebc, 600 s: 384 px 513 steps val mIoU 0.763, 256 px 843 steps 0.780; README)
 TILE_MIN, TILE_CAP = {"cpu": 128, "cuda": 256}, {"cpu": 256, "cuda": 1024}
@@ -159,12 +178,18 @@ def _batch(plan: Plan, dev: Device, tile_guess: int) -> int:
     return b
 
 
-def _tile(plan: Plan, setup: StageSetup, fp: dict, dev: Device, fpp: float, batch: int) -> int:
+def _context(fp: dict, dev: Device) -> tuple[int, int, int, float, int]:
+    """(the tile the structures want, the device's smallest and largest tile, the largest
+    structures' extent, the smallest image side)."""
     _, others, _ = _classes(fp)
     context = max((fp["classes"][k]["extent"] for k in others), default=128.0)
     side = min(fp["height"]["min"], fp["width"]["min"])
     lo, cap = TILE_MIN[dev.kind], min(TILE_CAP[dev.kind], max(32, side // 32 * 32))
-    want = min(_round32(1.5 * context), cap)
+    return min(_round32(1.5 * context), cap), lo, cap, context, side
+
+
+def _tile(plan: Plan, setup: StageSetup, fp: dict, dev: Device, fpp: float, batch: int) -> int:
+    want, lo, cap, context, side = _context(fp, dev)
     tile = max(min(lo, cap), want)
     need = min(MIN_STEPS, setup.train.total_steps)  # a step budget: steps do not depend on it
     while tile > min(lo, cap) and _steps(setup, dev, fpp, tile, batch) < need:
@@ -179,6 +204,100 @@ def _tile(plan: Plan, setup: StageSetup, fp: dict, dev: Device, fpp: float, batc
         why += f"; lowered to {tile} so that the budget still gives >= {need} steps"
     plan.set("tile_size", tile, why + f" (about {est} steps)")
     return tile
+
+
+def _model_steps(tp: TrainParams, dev: Device, fpp: float, tile: int, batch: int) -> int:
+    step_s = fpp * batch * tile * tile / (dev.gflops * 1e9)
+    return int(min(tp.total_steps, tp.budget_s / (1 + VAL_SHARE) / step_s))
+
+
+def choose_model(
+    model: ModelParams, tp: TrainParams, fp: dict[str, Any], dev: Device, num_classes: int
+) -> tuple[ModelParams, str, dict[str, Any]]:
+    """The largest rung of MODEL_LADDER (its explicit fields kept) that the budget still
+    trains for MODEL_MIN_STEPS steps at the tile the structures want; the smallest when
+    none does, or when there is no time budget (the steps are then fixed, not the time). Returns (model, why, steps per rung)."""
+    rungs: list[tuple[str, ModelParams]] = []
+    for name, enc, dec in MODEL_LADDER:
+        m = model.model_copy(
+            update={
+                "encoder": enc if model.encoder == "auto" else model.encoder,
+                "decoder_channels": list(dec[: model.encoder_depth])
+                if model.decoder_channels == "auto"
+                else model.decoder_channels,
+            }
+        )
+        if all(m != r for _, r in rungs):
+            rungs.append((name, m))
+    want, lo, cap, _, _ = _context(fp, dev)
+    tile = tp.tile_size if tp.tile_size != "auto" else max(min(lo, cap), want)
+    batch = tp.batch_size if tp.batch_size != "auto" else _batch(Plan(), dev, tile)
+    if tp.budget_s is None:
+        name, chosen = rungs[0]
+        why = (
+            f"{name}: {chosen.encoder}, decoder {chosen.decoder_channels}; a step budget "
+            f"alone ({tp.total_steps} steps) fixes the steps, not the time, so the smallest "
+            "rung (train.budget_s lets the plan weigh a larger model against its steps)"
+        )
+        return chosen, why, {"model_tile": tile}
+    steps = {
+        name: _model_steps(
+            tp, dev, train_flops_per_pixel(m.model_dump_json(), num_classes), tile, batch
+        )
+        for name, m in rungs
+    }
+    need = min(MODEL_MIN_STEPS, tp.total_steps)
+    fits = [(n, m) for n, m in rungs if steps[n] >= need]
+    name, chosen = fits[-1] if fits else rungs[0]
+    why = (
+        f"{name}: {chosen.encoder}, decoder {chosen.decoder_channels}; the largest of "
+        + ", ".join(f"{n} ~{steps[n]}" for n, _ in rungs)
+        + f" steps (tile {tile}, batch {batch}, {tp.budget_s:g} s on {dev.kind}) that still trains "
+        f">= {need} steps" + ("" if fits else ": none does, so the smallest")
+    )
+    return chosen, why, {"model_steps": steps, "model_tile": tile}
+
+
+def plan_model(
+    model: ModelParams,
+    tp: TrainParams,
+    class_names: list[str],
+    index: dict[str, Any],
+    save: bool = True,
+) -> tuple[ModelParams, dict[str, Any] | None]:
+    """``model`` with its ``auto`` sizes chosen from the top-level train section ``tp``
+    (one model for every stage and the MAE encoder that initialises them); (model, None)
+    when nothing is auto. The choice is kept in ``tp.out_dir/model_plan.json`` and reused
+    while its inputs match, so a stage, a resumed run and the MAE step agree even where the
+    measured CPU clock moves between them."""
+    if not model.is_auto:
+        return model, None
+    items = select_items(index, tp.splits, tp.datasets)
+    fp = fingerprint(items, class_names, index.get("pixel_size_nm"))
+    dev = Device.of(tp.device, tp.precision)
+    budget = {k: getattr(tp, k) for k in ("budget_s", "total_steps", "tile_size", "batch_size")}
+    inputs = {
+        "fingerprint": fp["mask_sha256"],
+        "model": model.model_dump(mode="json"),
+        "budget": budget,
+        "data": [tp.splits, tp.datasets],
+        "device": [dev.kind, dev.name],
+        "version": PLAN_VERSION,
+    }
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    path = Path(tp.out_dir) / "model_plan.json"
+    saved = read_json(path) if path.is_file() else None
+    if not (isinstance(saved, dict) and saved.get("inputs_sha256") == key):
+        chosen, why, est = choose_model(model, tp, fp, dev, len(class_names))
+        saved = {
+            "value": chosen.model_dump(mode="json"),
+            "why": why,
+            "estimates": est,
+            "inputs_sha256": key,
+        }
+        if save:
+            atomic_write_json(path, saved)
+    return ModelParams.model_validate(saved["value"]), saved
 
 
 def _class_weights(plan: Plan, fp: dict, names: list[str]) -> list[float]:
@@ -364,13 +483,16 @@ def planned_keys(setup: StageSetup) -> list[str]:
 
 def apply_plan(setup: StageSetup, plan: Plan) -> StageSetup:
     """``setup`` with the plan's values in place of its ``auto`` keys."""
-    update = {k: v for k, v in plan.values.items() if "." not in k}
+    update = {k: v for k, v in plan.values.items() if "." not in k and k != "model"}
     tp = setup.train.model_validate({**setup.train.model_dump(mode="json"), **update})
     return setup.model_copy(update={"train": tp})
 
 
 def plan_stage(
-    setup: StageSetup, index: dict[str, Any], saved: dict[str, Any] | None = None
+    setup: StageSetup,
+    index: dict[str, Any],
+    saved: dict[str, Any] | None = None,
+    save: bool = True,
 ) -> tuple[StageSetup, Plan | None]:
     """Resolve ``setup``'s ``auto`` keys from the fingerprint of its training images
     (``train.splits``, ``train.datasets``) on its device; (setup, None) when none is auto.
@@ -378,7 +500,13 @@ def plan_stage(
     ``saved`` (a run's ``plan.json``) is taken as it is when it was made from the same
     inputs (fingerprint, settings, model, validation pixels, device): a rerun or a resumed
     run keeps its plan even where the measured clock of the CPU moves between calls."""
-    if not planned_keys(setup):
+    mplan = None
+    if setup.model.is_auto:
+        mp, mplan = plan_model(
+            setup.model, setup.model_train or setup.train, setup.class_names, index, save
+        )
+        setup = setup.model_copy(update={"model": mp})
+    if not planned_keys(setup) and mplan is None:
         return setup, None
     tp = setup.train
     items = select_items(index, tp.splits, tp.datasets)
@@ -399,6 +527,10 @@ def plan_stage(
     else:
         plan = make_plan(setup, fp, dev, setup.rare_fraction, val_px)
         plan.estimates.update(fingerprint_sha256=fp["mask_sha256"], inputs_sha256=key)
+    if mplan is not None:
+        plan.values = {"model": mplan["value"], **plan.values}
+        plan.reasons = {"model": mplan["why"], **plan.reasons}
+        plan.estimates.update(mplan["estimates"])
     return apply_plan(setup, plan), plan
 
 
@@ -428,7 +560,7 @@ def plan_document(setups: dict[str, StageSetup], index: dict[str, Any]) -> dict[
     fp = fingerprint(items, first.class_names, index.get("pixel_size_nm"))
     doc: dict[str, Any] = {"fingerprint": fp, "stages": {}}
     for name, setup in setups.items():
-        _, plan = plan_stage(setup, index)
+        _, plan = plan_stage(setup, index, save=False)
         if plan is None:
             doc["stages"][name] = "no key is auto: every value is explicit"
             continue

@@ -46,6 +46,7 @@ from srpu_pipelines.training.mae import (
     resolve_method,
     unpatchify,
 )
+from srpu_pipelines.training.plan import plan_model
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,9 @@ class MaeTask(Task):
     def __init__(self, setup: PretrainSetup, index: dict[str, Any]) -> None:
         pp = setup.pretrain
         super().__init__(pp, setup.seed)
+        if setup.model.is_auto:  # the model the stages will plan: the same choice, kept
+            mp, _ = plan_model(setup.model, setup.model_train, setup.class_names, index)
+            setup = setup.model_copy(update={"model": mp})
         self.setup, self.pp, self.out = setup, pp, Path(pp.out_dir)
         self.method = resolve_method(pp.method, setup.model.encoder)
         self.paths = unlabeled_paths(index, pp.use_pool, pp.splits)
