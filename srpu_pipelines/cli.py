@@ -117,6 +117,14 @@ def cmd_index(params: Params, args: argparse.Namespace) -> int:
         f"{c['pool']} pool images, {c['skipped']} skipped"
         f"{'' if res['changed'] else ' (unchanged)'}"
     )
+    snapped = [(it["id"], it.get("snapped_pixels", 0)) for it in idx["items"]]
+    snapped = [(n, k) for n, k in snapped if k]
+    if snapped:
+        print(
+            f"  {sum(k for _, k in snapped)} mask pixels in {len(snapped)} masks snapped to a "
+            f"class colour within mask.color_tolerance {params.mask.color_tolerance} "
+            f"(most: {max(snapped, key=lambda t: t[1])[0]})"
+        )
     for s in idx["skipped"]:
         print(f"  skipped {s['path']}: {s['reason']}")
     return 0
@@ -219,6 +227,21 @@ def cmd_plan(params: Params, args: argparse.Namespace) -> int:
         doc.pop("fingerprint")
     print(yaml.safe_dump(doc, sort_keys=False, width=100, allow_unicode=True), end="")
     return 0
+
+
+def cmd_inspect(params: Params | None, args: argparse.Namespace) -> int:
+    """One JSON object per file; a file that cannot be read is reported, the rest go on."""
+    from srpu_pipelines.data.calibration import inspect_file
+    from srpu_pipelines.data.imageio import ImageReadError
+
+    failed = 0
+    for f in args.files:
+        try:
+            print(json.dumps(inspect_file(f), ensure_ascii=False))
+        except ImageReadError as e:
+            print(json.dumps({"path": f, "error": str(e)}, ensure_ascii=False))
+            failed += 1
+    return 1 if failed else 0
 
 
 def cmd_evaluate(params: Params, args: argparse.Namespace) -> int:
@@ -480,6 +503,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fingerprint", action="store_true", help="print the fingerprint too")
     p.set_defaults(func=cmd_plan)
 
+    p = sub.add_parser(
+        "inspect",
+        help="what image files say about themselves: size, bit depth, pages, compression, "
+        "instrument, pixel size and its source (one JSON object per file; no params needed)",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(func=cmd_inspect, needs_params=False)
+
     p = sub.add_parser("stages", help="list the training stages; keep dvc.yaml in step")
     p.add_argument("--write-dvc", action="store_true", help="rewrite dvc.yaml's stage entries")
     p.add_argument("--check-dvc", action="store_true", help="fail when dvc.yaml is out of step")
@@ -592,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     from srpu_pipelines.models.factory import UnknownNameError
 
     try:
+        if not getattr(args, "needs_params", True):
+            return args.func(None, args)
         params = load_params(args.params, args.set)
         args.alias_overrides = args.aliases(args, params) if hasattr(args, "aliases") else []
         if args.alias_overrides:  # flags are --set overrides, applied after --set

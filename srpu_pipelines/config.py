@@ -15,6 +15,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# painted masks: anti-aliased edges and JPEG smear stay within a quarter of the range of
+# the colour they belong to; pure colours of different classes are much further apart
+COLOR_TOLERANCE = 64
 IGNORE_INDEX = 255  # class-index value for pixels that are not labelled (info bars, unpainted)
 # names of the per-pixel uncertainty maps and their boundary-restricted variants; the maps
 # themselves are registered in active_learning/uncertainty.py (a test checks both agree)
@@ -57,6 +60,13 @@ class MaskParams(_Strict):
     )
     grey_levels: list[int] | None = None
     suffix: str = "_mask"
+    color_tolerance: int = Field(
+        default=COLOR_TOLERANCE,
+        ge=0,
+        le=127,
+        description="a colour with every channel within this of one class colour (or the "
+        "ignore colour) is that class: anti-aliased brush edges, light JPEG smear; 0 = exact",
+    )
 
 
 class DatasetSpec(_Strict):
@@ -68,6 +78,11 @@ class DatasetSpec(_Strict):
     raw: Path | None = Field(default=None, description="folder of unlabelled pool images")
     pixel_size_nm: float | None = Field(
         default=None, gt=0, description="pixel size in nm, when known (null = unknown)"
+    )
+    data_bar: Literal["auto", "none"] | Annotated[int, Field(ge=0)] = Field(
+        default="auto",
+        description="the instrument's data bar at the bottom of each image: auto (the FEI "
+        "tag, else detected), none, or a fixed number of rows",
     )
 
 

@@ -100,3 +100,57 @@ def test_miniswhite_tiff_is_not_inverted(tmp_path):
     from PIL import Image as _I
 
     assert np.array_equal(np.array(_I.open(p)), 255 - GRAD8)
+
+
+GRAD16 = (np.arange(96 * 80, dtype=np.uint32).reshape(96, 80) * 8 % 65536).astype(np.uint16)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"compression": "lzw"},
+        {"compression": "zlib"},  # Deflate, as ImageJ and many instruments write it
+        {"compression": "packbits"},
+        {"compression": "zstd"},
+        {"compression": "lzw", "predictor": True},
+        {"compression": "zlib", "tile": (32, 32)},  # tiled
+        {"compression": "lzw", "bigtiff": True},
+    ],
+    ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()),
+)
+def test_compressed_tiled_and_big_tiffs_read_exactly(tmp_path, kw):
+    """Every lossless TIFF layout instruments and ImageJ write gives back its pixels, 8-
+    and 16-bit."""
+    for name, arr in (("g8.tif", GRAD8), ("g16.tif", GRAD16)):
+        p = tmp_path / name
+        tifffile.imwrite(p, arr, **kw)
+        assert np.array_equal(read_raw(p), arr), (name, kw)
+
+
+def test_jpeg_in_tiff_reads(tmp_path):
+    p = tmp_path / "jpeg.tif"
+    smooth = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (64, 1))
+    tifffile.imwrite(p, smooth, compression="jpeg", compressionargs={"level": 95})
+    assert np.abs(read_raw(p).astype(int) - smooth).max() <= 8  # lossy, but close
+
+
+def test_a_missing_codec_is_not_called_a_damaged_file(tmp_path, monkeypatch):
+    p = tmp_path / "lzw.tif"
+    tifffile.imwrite(p, GRAD8, compression="lzw")
+
+    def no_codec(self, *a, **k):
+        raise ValueError("<COMPRESSION.LZW: 5> requires the 'imagecodecs' package")
+
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", no_codec)
+    with pytest.raises(
+        ImageReadError, match=r"lzw\.tif: TIFF compressed with LZW.*imagecodecs"
+    ) as e:
+        read_raw(p)
+    assert "truncated" not in str(e.value)
+    # damaged compressed data says so, and names the compression
+    monkeypatch.undo()
+    data = bytearray(p.read_bytes())
+    q = tmp_path / "cut lzw.tif"
+    q.write_bytes(bytes(data[: len(data) // 3]))
+    with pytest.raises(ImageReadError, match=r"cut lzw\.tif"):
+        read_raw(q)

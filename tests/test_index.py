@@ -267,3 +267,77 @@ def test_two_masks_for_one_image_in_a_mask_folder(tmp_path):
     save(tmp_path / "msk" / "one_mask.png", color_mask(np.zeros((32, 32), np.uint8)))
     with pytest.raises(BadInputError, match="two masks for 'one'"):
         build_index(parse_params(d), show_progress=False)
+
+
+def test_pixel_size_from_sidecars_stored_and_params_override(tmp_path):
+    """A Hitachi sidecar beside an image is its calibration, not a stray file; the
+    index keeps each image's pixel size and its source; a params value wins."""
+    p = params_for(tmp_path)
+    for i in range(6):
+        make_pair(tmp_path / "lab", f"s{i}", ext=".tif")
+    (tmp_path / "lab" / "s0.txt").write_text("InstructName=SU8230\nPixelSize=4.96\n")
+    make_pair(tmp_path / "raw", "u0")  # a pool image without a calibration
+    idx = build_index(p, show_progress=False)
+    by_id = {it["name"]: it for it in idx["items"]}
+    assert by_id["s0"]["pixel_size_nm"] == pytest.approx(4.96)
+    assert "PixelSize" in by_id["s0"]["pixel_size_source"]
+    assert by_id["s1"]["pixel_size_nm"] is None and "unknown" in by_id["s1"]["pixel_size_source"]
+    assert idx["pool"][0]["pixel_size_nm"] is None and idx["counts"]["skipped"] == 0
+    d = json.loads(p.model_dump_json())
+    d["data"]["datasets"][0]["pixel_size_nm"] = 7.5
+    over = build_index(parse_params(d), show_progress=False)
+    assert {it["pixel_size_nm"] for it in over["items"]} == {7.5}
+    assert "params data.datasets[a].pixel_size_nm" in over["items"][0]["pixel_size_source"]
+
+
+def _barred(folder: Path, name: str, mask_rows: int, h: int = 96, w: int = 80, bar: int = 16):
+    """A noisy micrograph with a white data bar (black lettering) in its bottom rows and a
+    colour mask ``mask_rows`` tall."""
+    img = rng.integers(40, 200, (h, w)).astype(np.uint8)
+    img[h - bar :] = 255
+    img[h - bar + 4 : h - bar + 10, 5:60:4] = 0  # lettering
+    save(folder / f"{name}.tif", img)
+    idx = rng.choice(np.array([0, 1, 2], np.uint8), (mask_rows, w))
+    save(folder / f"{name}_mask.png", color_mask(idx))
+
+
+def test_the_data_bar_is_found_not_labelled_and_a_mask_may_stop_above_it(tmp_path):
+    from srpu_pipelines.data.masks import MaskCodec, item_mask
+
+    p = params_for(tmp_path)
+    _barred(tmp_path / "lab", "full", 96)  # the mask covers the bar too
+    _barred(tmp_path / "lab", "above", 80)  # the mask stops above the 16-row bar
+    for i in range(4):
+        make_pair(tmp_path / "lab", f"plain{i}")
+    idx = build_index(p, show_progress=False)
+    by = {it["name"]: it for it in idx["items"]}
+    assert by["full"]["data_bar_rows"] == 16 and by["above"]["data_bar_rows"] == 16
+    assert "detected" in by["full"]["data_bar_source"]
+    assert all(by[f"plain{i}"]["data_bar_rows"] == 0 for i in range(4))
+    codec = MaskCodec.from_params(p)
+    for name in ("full", "above"):
+        m = item_mask(by[name], codec)
+        assert m.shape == (96, 80) and (m[80:] == 255).all() and (m[:80] != 255).all()
+    # a mask short by another height than the bar's: refused, naming the key to set
+    _barred(tmp_path / "lab", "odd", 70)
+    with pytest.raises(
+        BadInputError, match=r"odd_mask\.png: mask size .* 26 rows shorter.*data_bar: 26"
+    ):
+        build_index(p, show_progress=False)
+    for f in ("odd.tif", "odd_mask.png"):
+        (tmp_path / "lab" / f).unlink()
+    # data_bar: none keeps every row as sample; a fixed number of rows wins over detection
+    d = json.loads(p.model_dump_json())
+    d["data"]["datasets"][0]["data_bar"] = 20
+    with pytest.raises(
+        BadInputError, match=r"above_mask\.png: mask size .* 16 rows shorter.*20 rows"
+    ):
+        build_index(parse_params(d), show_progress=False)
+    for f in ("above.tif", "above_mask.png"):
+        (tmp_path / "lab" / f).unlink()
+    fixed = build_index(parse_params(d), show_progress=False)
+    assert {it["data_bar_rows"] for it in fixed["items"]} == {20}
+    _barred(tmp_path / "lab", "above", 80)
+    d["data"]["datasets"][0]["data_bar"] = "none"
+    with pytest.raises(BadInputError, match=r"above_mask\.png: mask size .* 16 rows shorter"):
+        build_index(parse_params(d), show_progress=False)

@@ -94,3 +94,44 @@ def test_bilevel_masks_as_index_and_grey(tmp_path):
         assert idx.tolist() == [[0, 1], [1, 0]], name
         grey = MaskCodec("grey", ((0, 0, 0), (255, 255, 255)), grey_levels=(0, 255))
         assert grey.decode_file(tmp_path / name).tolist() == [[0, 1], [1, 0]], name
+
+
+def test_anti_aliased_edges_snap_and_are_counted(tmp_path):
+    """A 2-px brush edge of (0, 0, 200) beside pure blue is blue; a JPEG-ish smear of red
+    is red; a colour far from every class still goes to the default class (or errors)."""
+    rgb = color_mask(IDX)  # red, blue, green
+    rgb[0, 1] = (0, 0, 200)  # blue, anti-aliased
+    rgb[1, 2] = (230, 20, 10)  # red, smeared
+    c = codec(color_tolerance=64)
+    out, snapped = c.decode_file_counted(save(tmp_path / "aa_mask.png", rgb))
+    assert np.array_equal(out, IDX) and snapped == 2
+    exact = codec()  # tolerance 0: exact colours only
+    with pytest.raises(MaskDecodeError, match="2 pixels"):
+        exact.decode_file(save(tmp_path / "aa2_mask.png", rgb))
+    near_white = color_mask(IDX)
+    near_white[1, 3] = (240, 240, 250)
+    out = codec(color_tolerance=64, ignore_color=(255, 255, 255)).decode_array(near_white)
+    assert out[1, 3] == IGNORE_INDEX
+    # painted over the micrograph (a default class): its neutral greys are unpainted
+    # pixels, never snapped to a grey or black class colour nor counted
+    c = MaskCodec(
+        "color",
+        ((0, 0, 0), (0, 0, 255)),
+        default_class=1,
+        ignore_color=(255, 255, 255),
+        color_tolerance=64,
+    )
+    painted = np.zeros((1, 4, 3), np.uint8)
+    painted[0] = [(30, 30, 30), (240, 240, 240), (0, 0, 210), (0, 0, 0)]
+    out, snapped = c.decode_array_counted(painted)
+    assert out.tolist() == [[1, 1, 1, 0]] and snapped == 1
+
+
+def test_a_colour_near_two_classes_is_an_error(tmp_path):
+    c = MaskCodec("color", ((0, 0, 0), (60, 60, 60)), color_tolerance=40)
+    rgb = np.zeros((2, 2, 3), np.uint8)
+    rgb[0, 0] = (30, 30, 30)  # within 40 of both
+    with pytest.raises(
+        MaskDecodeError, match=r"two_mask\.png: colour \(30, 30, 30\).*color_tolerance"
+    ):
+        c.decode_file(save(tmp_path / "two_mask.png", rgb))

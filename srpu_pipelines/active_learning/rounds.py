@@ -30,7 +30,7 @@ from PIL import Image
 from srpu_pipelines.config import Params
 from srpu_pipelines.data.discovery import Pair, Problem, find_labeled
 from srpu_pipelines.data.imageio import read_raw
-from srpu_pipelines.data.masks import MaskCodec
+from srpu_pipelines.data.masks import MaskCodec, item_mask
 from srpu_pipelines.io.files import (
     atomic_write_json,
     atomic_write_with,
@@ -223,7 +223,7 @@ def correction_effort(params: Params, index: dict[str, Any]) -> list[dict[str, A
             if not pred_file.is_file():
                 continue
             pred = codec.decode_file(pred_file)
-            true = codec.decode_file(it["mask"])
+            true = item_mask(it, codec)
             if pred.shape != true.shape:
                 continue
             dice = []

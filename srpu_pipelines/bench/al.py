@@ -31,7 +31,7 @@ from srpu_pipelines.config import Params
 from srpu_pipelines.data.discovery import tile_name
 from srpu_pipelines.data.imageio import read_raw
 from srpu_pipelines.data.index import build_index, select_items
-from srpu_pipelines.data.masks import MaskCodec, class_fractions
+from srpu_pipelines.data.masks import MaskCodec, class_fractions, item_mask
 from srpu_pipelines.io.files import atomic_write_json, atomic_write_with, read_json, sha256_file
 from srpu_pipelines.training.trainer import train_stage
 
@@ -45,7 +45,7 @@ def cut_tiles(params: Params, index: dict[str, Any], out: Path) -> list[dict[str
     items = []
     for it in select_items(index, ["train"]):
         raw = read_raw(it["image"])
-        mask = codec.decode_file(it["mask"])
+        mask = item_mask(it, codec)
         for y, x, h, w in tile_grid(it["height"], it["width"], params.active.tile_size):
             name = tile_name(it["name"], y, x)
             img_path, mask_path = out / f"{name}.tif", out / f"{name}_mask.png"

@@ -101,7 +101,7 @@ def peer_layout(
 
     from srpu_pipelines.data.imageio import read_grey
     from srpu_pipelines.data.index import select_items
-    from srpu_pipelines.data.masks import MaskCodec
+    from srpu_pipelines.data.masks import MaskCodec, item_mask
     from srpu_pipelines.io.files import atomic_write_json, read_json
 
     done = root / "layout.json"
@@ -116,7 +116,7 @@ def peer_layout(
         for k, it in enumerate(items):
             out = root / split / f"{k:03d}"
             img = (np.clip(read_grey(Path(it["image"])), 0, 1) * 255).astype(np.uint8)
-            mask = codec.decode_file(Path(it["mask"]))
+            mask = item_mask(it, codec)
             mask[mask == 255] = 0
             out.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(f"{out}.tif")

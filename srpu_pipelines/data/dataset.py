@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from srpu_pipelines.config import IGNORE_INDEX, AugmentParams
 from srpu_pipelines.data.imageio import read_grey
-from srpu_pipelines.data.masks import MaskCodec
+from srpu_pipelines.data.masks import MaskCodec, item_mask
 
 _MAX_COORDS = 4096  # per image and class, for class-centred crops
 
@@ -60,7 +60,7 @@ def load_samples(
     out = []
     for it in tqdm(items, desc=desc, disable=not progress, unit="img", leave=False):
         img = stretch(read_grey(Path(it["image"])))
-        mask = codec.decode_file(Path(it["mask"]))
+        mask = item_mask(it, codec)  # the data bar, if any, not labelled
         if img.shape != mask.shape:
             raise ValueError(f"{it['mask']}: mask size {mask.shape} differs from image {img.shape}")
         out.append(

@@ -15,6 +15,8 @@ from pathlib import Path
 from srpu_pipelines.config import DatasetSpec
 from srpu_pipelines.data.imageio import IMAGE_EXTENSIONS, is_image_file
 
+SIDECARS = (".txt", ".TXT")  # calibration text files beside their images (data/calibration.py)
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -72,7 +74,11 @@ def _list_files(folder: Path) -> list[Path]:
 def _split_images(folder: Path, problems: list[Problem], what: str) -> dict[str, Path]:
     """Map NFC stem -> image path; report non-images and duplicate stems."""
     by_stem: dict[str, list[Path]] = {}
-    for p in _list_files(folder):
+    files = _list_files(folder)
+    image_stems = {q.stem for q in files if is_image_file(q)}
+    for p in files:
+        if p.suffix in SIDECARS and p.stem in image_stems:
+            continue  # an instrument's calibration file beside its image (Hitachi, JEOL)
         if not is_image_file(p):
             problems.append(
                 Problem(

@@ -165,7 +165,7 @@ def fingerprint(
     out["datasets"] = {
         d: {
             **_combine([p for p in per if p["dataset"] == d], class_names),
-            "pixel_size_nm": sizes.get(d),
+            **_pixel_size(sizes.get(d), [it for it in items if it["dataset"] == d]),
         }
         for d in datasets
     }
@@ -174,6 +174,21 @@ def fingerprint(
         json.dumps(sorted(it["mask_sha256"] for it in items)).encode()
     ).hexdigest()
     return out
+
+
+def _pixel_size(override: float | None, items: list[dict[str, Any]]) -> dict[str, Any]:
+    """A sub-dataset's pixel size: the params override, else the median of its images'
+    own calibrations (with their spread and how many images have one)."""
+    known = [it["pixel_size_nm"] for it in items if it.get("pixel_size_nm")]
+    if override is not None:
+        return {"pixel_size_nm": override, "pixel_size_from": "params"}
+    if not known:
+        return {"pixel_size_nm": None, "pixel_size_from": "unknown"}
+    return {
+        "pixel_size_nm": round(float(np.median(known)), 6),
+        "pixel_size_from": f"the images' calibration ({len(known)} of {len(items)})",
+        "pixel_size_range_nm": [round(min(known), 6), round(max(known), 6)],
+    }
 
 
 def item_stats(raw: np.ndarray, grey: np.ndarray, mask: np.ndarray, num_classes: int) -> dict:

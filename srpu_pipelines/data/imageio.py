@@ -35,9 +35,11 @@ def _read_tifffile(path: Path) -> np.ndarray | None:
     TIFFs, which PIL decodes with their colour map. Only the first page is read."""
     import tifffile
 
+    compression = None
     try:
         with tifffile.TiffFile(path) as tf:
             page = tf.pages.first
+            compression = _compression_name(page.compression)
             if page.photometric == tifffile.PHOTOMETRIC.PALETTE:
                 return None
             if len(tf.pages) > 1:
@@ -47,12 +49,37 @@ def _read_tifffile(path: Path) -> np.ndarray | None:
                 # 0 means white here: invert so that bright stays bright (as PIL does)
                 arr = ~arr if arr.dtype == np.bool_ else np.iinfo(arr.dtype).max - arr
     except Exception as e:  # tifffile raises many types; re-raised with the file name
-        raise ImageReadError(
-            f"{path}: unreadable or truncated TIFF ({type(e).__name__}: {e})"
-        ) from None
+        raise ImageReadError(_tiff_error(path, compression, e)) from None
     if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
         arr = np.moveaxis(arr, 0, -1)  # planar (C, H, W) storage
     return arr
+
+
+def _compression_name(code: object) -> str:
+    """TIFF compression by name (tifffile keeps an unknown code as a plain int)."""
+    import tifffile
+
+    try:
+        return tifffile.COMPRESSION(int(code)).name  # type: ignore[call-overload]
+    except (ValueError, TypeError):
+        return f"code {code}"
+
+
+def _tiff_error(path: Path, compression: str | None, e: Exception) -> str:
+    """What went wrong with a TIFF, by its real cause: a codec this environment lacks is
+    not a damaged file."""
+    msg = f"{type(e).__name__}: {e}"
+    if "requires the 'imagecodecs' package" in str(e):
+        return (
+            f"{path}: TIFF compressed with {compression or 'a codec'}, which needs the "
+            f"'imagecodecs' package (pip install imagecodecs; it is a dependency of srpu, "
+            f"so this environment is incomplete); the file itself may be fine ({msg})"
+        )
+    if compression is None:
+        return f"{path}: not a readable TIFF (damaged or truncated header: {msg})"
+    if compression != "NONE":
+        return f"{path}: TIFF pixel data ({compression}-compressed) damaged or truncated ({msg})"
+    return f"{path}: TIFF pixel data damaged or truncated ({msg})"
 
 
 def _from_bilevel(arr: np.ndarray, palette: str) -> np.ndarray:

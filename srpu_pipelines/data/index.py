@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from srpu_pipelines.config import Params
+from srpu_pipelines.config import DatasetSpec, Params
+from srpu_pipelines.data.calibration import inspect_file
+from srpu_pipelines.data.databar import detect_bar
 from srpu_pipelines.data.discovery import Pair, PoolImage, Problem, find_labeled, find_pool
 from srpu_pipelines.data.fingerprint import item_stats
 from srpu_pipelines.data.imageio import (
@@ -28,12 +30,18 @@ from srpu_pipelines.data.imageio import (
     read_raw,
     to_grey,
 )
-from srpu_pipelines.data.masks import MaskCodec, MaskDecodeError, class_fractions
+from srpu_pipelines.data.masks import (
+    MaskCodec,
+    MaskDecodeError,
+    class_fractions,
+    item_mask,
+    with_bar,
+)
 from srpu_pipelines.io.files import atomic_write_json, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
-INDEX_VERSION = 2  # 2: entries carry fingerprint statistics
+INDEX_VERSION = 3  # 2: fingerprint statistics; 3: pixel size, data bar, snapped pixels
 
 
 class BadInputError(ValueError):
@@ -52,26 +60,84 @@ def _posix(p: Path) -> str:
     return p.as_posix()
 
 
-def check_pair(pair: Pair, codec: MaskCodec) -> tuple[dict[str, Any] | None, Problem | None]:
+def _calibration(path: Path, spec: DatasetSpec | None) -> dict[str, Any]:
+    """Pixel size and the data bar's source from the file's tags, sidecar or params."""
+    info = inspect_file(path, bar=False)
+    if spec is not None and spec.pixel_size_nm is not None:
+        nm, source = spec.pixel_size_nm, f"params data.datasets[{spec.name}].pixel_size_nm"
+    else:
+        nm, source = info["pixel_size_nm"], info["pixel_size_source"]
+    out = {"pixel_size_nm": nm, "pixel_size_source": source}
+    if "data_bar_rows" in info:
+        out["tag_bar_rows"] = (info["data_bar_rows"], info["data_bar_source"])
+    return out
+
+
+def _bar(grey: np.ndarray, cal: dict[str, Any], spec: DatasetSpec | None) -> dict[str, Any]:
+    """Rows of the data bar at the bottom: the params setting, else the FEI tag, else
+    detected from the pixels (``data/databar.py``)."""
+    setting = spec.data_bar if spec is not None else "auto"
+    tag = cal.pop("tag_bar_rows", None)
+    where = f"data.datasets[{spec.name}].data_bar" if spec is not None else "data_bar"
+    if setting == "none":
+        return {"data_bar_rows": 0, "data_bar_source": f"params {where}: none"}
+    if isinstance(setting, int):
+        return {"data_bar_rows": setting, "data_bar_source": f"params {where}: {setting}"}
+    if tag is not None:
+        return {"data_bar_rows": int(tag[0]), "data_bar_source": tag[1]}
+    found = detect_bar(grey)
+    return {"data_bar_rows": found["rows"], "data_bar_source": f"detected: {found['why']}"}
+
+
+def check_pair(
+    pair: Pair, codec: MaskCodec, specs: dict[str, DatasetSpec] | None = None
+) -> tuple[dict[str, Any] | None, Problem | None]:
     """Validate one labelled pair (image readable, mask decodes to the classes, same size,
-    some pixel labelled): its index entry, or the problem with the file it names."""
+    some pixel labelled): its index entry, or the problem with the file it names.
+
+    A mask as tall as the image without its data bar (as public data sets ship them) is
+    accepted when the bar is found at exactly that height; the bar's rows are not labelled."""
+    spec = (specs or {}).get(pair.dataset)
     try:
         raw = read_raw(pair.image, palette="rgb")
         img = to_grey(raw)
+        cal = _calibration(pair.image, spec)
     except ImageReadError as e:
         return None, Problem(str(pair.image), str(e).split(": ", 1)[-1])
     try:
-        mask = codec.decode_file(pair.mask)
+        mask, snapped = codec.decode_file_counted(pair.mask)
     except (ImageReadError, MaskDecodeError) as e:
         return None, Problem(str(pair.mask), str(e).split(": ", 1)[-1])
-    if img.shape != mask.shape:
+    h, w = img.shape
+    bar = _bar(img, cal, spec)
+    rows = bar["data_bar_rows"]
+    if rows >= h:
         return None, Problem(
-            str(pair.mask),
-            f"mask size {mask.shape[1]}x{mask.shape[0]} differs from image "
-            f"{pair.image.name} size {img.shape[1]}x{img.shape[0]} (width x height)",
+            str(pair.image), f"data bar of {rows} rows is not below an image of {h} rows"
         )
+    if mask.shape != img.shape:
+        short = h - mask.shape[0]
+        if mask.shape[1] == w and short > 0 and short == rows:
+            pass  # the mask covers the image above its bar
+        elif mask.shape[1] == w and short > 0:
+            return None, Problem(
+                str(pair.mask),
+                f"mask size {w}x{mask.shape[0]} differs from image {pair.image.name} size "
+                f"{w}x{h}: {short} rows shorter; a mask without the data bar is accepted "
+                f"when the bar is that tall, but the bar "
+                f"here is {rows} rows ({bar['data_bar_source']}); set "
+                f"data.datasets[{pair.dataset}].data_bar: {short} if it is {short} rows",
+            )
+        else:
+            return None, Problem(
+                str(pair.mask),
+                f"mask size {mask.shape[1]}x{mask.shape[0]} differs from image "
+                f"{pair.image.name} size {w}x{h} (width x height)",
+            )
+    mask = with_bar(mask, h, rows)
     if (mask == 255).all():
         return None, Problem(str(pair.mask), "mask has no labelled pixel")
+    sample = slice(0, h - rows)  # the bar is no sample: not in the statistics
     entry = {
         "id": pair.id,
         "name": pair.name,
@@ -80,18 +146,25 @@ def check_pair(pair: Pair, codec: MaskCodec) -> tuple[dict[str, Any] | None, Pro
         "mask": _posix(pair.mask),
         "image_sha256": sha256_file(pair.image),
         "mask_sha256": sha256_file(pair.mask),
-        "height": int(img.shape[0]),
-        "width": int(img.shape[1]),
+        "height": int(h),
+        "width": int(w),
         "class_fractions": [round(f, 6) for f in class_fractions(mask, codec.num_classes)],
-        "stats": item_stats(raw, img, mask, codec.num_classes),
+        "snapped_pixels": snapped,  # within mask.color_tolerance of a class colour
+        "stats": item_stats(raw[sample], img[sample], mask[sample], codec.num_classes),
+        **cal,
+        **bar,
     }
     return entry, None
 
 
-def _check_pool(img: PoolImage) -> tuple[dict[str, Any] | None, Problem | None]:
+def _check_pool(
+    img: PoolImage, specs: dict[str, DatasetSpec]
+) -> tuple[dict[str, Any] | None, Problem | None]:
+    spec = specs.get(img.dataset)
     try:
         h, w = image_size(img.image)
-        read_grey(img.image)  # decode once: a truncated file is caught now, not in round 5
+        grey = read_grey(img.image)  # decode once: a truncated file is caught now, not in round 5
+        cal = _calibration(img.image, spec)
     except ImageReadError as e:
         return None, Problem(str(img.image), str(e).split(": ", 1)[-1])
     return {
@@ -102,6 +175,8 @@ def _check_pool(img: PoolImage) -> tuple[dict[str, Any] | None, Problem | None]:
         "image_sha256": sha256_file(img.image),
         "height": int(h),
         "width": int(w),
+        **cal,
+        **_bar(grey, cal, spec),
     }, None
 
 
@@ -219,9 +294,10 @@ def build_index(params: Params, show_progress: bool = True) -> dict[str, Any]:
         pool += q
         problems += qr
     labeled_ids = {p.id for p in pairs}
+    specs = {d.name: d for d in params.data.datasets}
     items: list[dict[str, Any]] = []
     for pair in tqdm(pairs, desc="index: labelled pairs", disable=not show_progress, unit="pair"):
-        entry, prob = check_pair(pair, codec)
+        entry, prob = check_pair(pair, codec, specs)
         if prob:
             problems.append(prob)
         else:
@@ -230,7 +306,7 @@ def build_index(params: Params, show_progress: bool = True) -> dict[str, Any]:
     for img in tqdm(pool, desc="index: pool images", disable=not show_progress, unit="img"):
         if img.id in labeled_ids:
             continue  # labelled since it entered the pool: the label wins
-        entry, prob = _check_pool(img)
+        entry, prob = _check_pool(img, specs)
         if prob:
             problems.append(prob)
         else:
@@ -261,6 +337,7 @@ def build_index(params: Params, show_progress: bool = True) -> dict[str, Any]:
     return {
         "version": INDEX_VERSION,
         "classes": [c.name for c in params.classes],
+        # the params overrides; each entry has its own
         "pixel_size_nm": {d.name: d.pixel_size_nm for d in params.data.datasets},
         "items": items,
         "pool": pool_items,
@@ -326,7 +403,7 @@ def verify_items(index: dict[str, Any], params: Params) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {"decode": [], "size": [], "changed": []}
     for it in index["items"]:
         try:
-            mask = codec.decode_file(it["mask"])
+            mask = item_mask(it, codec)
         except (ImageReadError, MaskDecodeError) as e:
             out["decode"].append(str(e))
             continue

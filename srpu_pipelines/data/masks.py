@@ -28,6 +28,7 @@ class MaskCodec:
     default_class: int | None = None
     ignore_color: tuple[int, int, int] | None = None
     grey_levels: tuple[int, ...] | None = None
+    color_tolerance: int = 0
 
     @classmethod
     def from_params(cls, params: Params) -> MaskCodec:
@@ -39,6 +40,7 @@ class MaskCodec:
             default_class=default,
             ignore_color=tuple(m.ignore_color) if m.ignore_color else None,
             grey_levels=tuple(m.grey_levels) if m.grey_levels else None,
+            color_tolerance=m.color_tolerance,
         )
 
     @property
@@ -48,20 +50,27 @@ class MaskCodec:
     # -- decoding -----------------------------------------------------------------------
     def decode_file(self, path: str | Path) -> np.ndarray:
         """Read and decode a mask file to a uint8 (H, W) class-index image."""
+        return self.decode_file_counted(path)[0]
+
+    def decode_file_counted(self, path: str | Path) -> tuple[np.ndarray, int]:
+        """(class-index image, pixels snapped to a class colour within the tolerance)."""
         path = Path(path)
         raw = read_raw(path, palette="index" if self.encoding == "index" else "rgb")
         try:
-            return self.decode_array(raw)
+            return self.decode_array_counted(raw)
         except MaskDecodeError as e:
             raise MaskDecodeError(f"{path}: {e}") from None
 
     def decode_array(self, raw: np.ndarray) -> np.ndarray:
+        return self.decode_array_counted(raw)[0]
+
+    def decode_array_counted(self, raw: np.ndarray) -> tuple[np.ndarray, int]:
         if self.encoding == "color":
             return self._decode_color(raw)
         grey = _single_channel(raw)
         if self.encoding == "index":
-            return self._decode_index(grey)
-        return self._decode_grey(grey)
+            return self._decode_index(grey), 0
+        return self._decode_grey(grey), 0
 
     def _decode_index(self, grey: np.ndarray) -> np.ndarray:
         vals = np.unique(grey)
@@ -83,7 +92,7 @@ class MaskCodec:
             known |= hit
         return self._fill_unknown(out, known, lambda: np.unique(grey[~known])[:10].tolist())
 
-    def _decode_color(self, raw: np.ndarray) -> np.ndarray:
+    def _decode_color(self, raw: np.ndarray) -> tuple[np.ndarray, int]:
         if raw.ndim == 2:
             rgb = np.repeat(raw[..., None], 3, axis=-1)
         else:
@@ -113,13 +122,56 @@ class MaskCodec:
         if self.ignore_color is not None:
             r, g, b = self.ignore_color
             known |= packed == ((r << 16) | (g << 8) | b)
+        snapped = self._snap(packed, out, known) if self.color_tolerance else 0
 
         def unknown_colors() -> list:
             vals, counts = np.unique(packed[~known], return_counts=True)
             top = vals[np.argsort(-counts)[:5]]
             return [((int(v) >> 16) & 255, (int(v) >> 8) & 255, int(v) & 255) for v in top]
 
-        return self._fill_unknown(out, known, unknown_colors)
+        return self._fill_unknown(out, known, unknown_colors), snapped
+
+    def _snap(self, packed: np.ndarray, out: np.ndarray, known: np.ndarray) -> int:
+        """Pixels whose colour has every channel within ``color_tolerance`` of exactly one
+        class colour (or the ignore colour) become that class, in place; a colour within
+        it of two is an error. With a default class, neutral greys are left to it. Returns
+        how many pixels snapped."""
+        todo = ~known
+        if self.default_class is not None:
+            # a mask painted over its micrograph: neutral greys are unpainted pixels (the
+            # default class), not brush edges of a black, white or grey class colour
+            r, g, b = (packed >> 16) & 255, (packed >> 8) & 255, packed & 255
+            todo &= ~((r == g) & (g == b))
+        if not todo.any():
+            return 0
+        vals, inverse = np.unique(packed[todo], return_inverse=True)
+        rgb = np.stack([(vals >> 16) & 255, (vals >> 8) & 255, vals & 255], -1)
+        targets = [(k, c) for k, c in enumerate(self.colors)]
+        if self.ignore_color is not None:
+            targets.append((IGNORE_INDEX, self.ignore_color))
+        tc = np.array([c for _, c in targets], np.int32)
+        within = np.abs(rgb[:, None, :] - tc[None]).max(-1) <= self.color_tolerance
+        both = np.flatnonzero(within.sum(1) > 1)
+        if both.size:
+            v = tuple(int(x) for x in rgb[both[0]])
+            names = [str(targets[j][0]) for j in np.flatnonzero(within[both[0]])]
+            raise MaskDecodeError(
+                f"colour {v} is within mask.color_tolerance ({self.color_tolerance}) of "
+                f"several class colours (classes {', '.join(names)}; {IGNORE_INDEX} = the ignore "
+                "colour): lower mask.color_tolerance or repaint those pixels"
+            )
+        label = np.full(len(vals), -1, np.int32)
+        hit = within.any(1)
+        label[hit] = np.array([k for k, _ in targets], np.int32)[within[hit].argmax(1)]
+        lab = label[inverse.ravel()]
+        sel = lab >= 0
+        sub = out[todo]
+        sub[sel] = lab[sel]
+        out[todo] = sub
+        got = known[todo]
+        got[sel] = True
+        known[todo] = got
+        return int(sel.sum())
 
     def _fill_unknown(self, out: np.ndarray, known: np.ndarray, describe) -> np.ndarray:
         if known.all():
@@ -144,6 +196,24 @@ class MaskCodec:
         return lut[index]
 
 
+def with_bar(mask: np.ndarray, height: int, bar_rows: int) -> np.ndarray:
+    """``mask`` with its image's data bar (the bottom ``bar_rows`` of ``height``) not
+    labelled: a mask that stops above the bar is extended by unlabelled rows."""
+    if mask.shape[0] == height - bar_rows and bar_rows:
+        pad = np.full((bar_rows, mask.shape[1]), IGNORE_INDEX, np.uint8)
+        return np.vstack([mask, pad])
+    if bar_rows:
+        mask = mask.copy()
+        mask[height - bar_rows :] = IGNORE_INDEX
+    return mask
+
+
+def item_mask(item: dict, codec: MaskCodec) -> np.ndarray:
+    """The class-index mask of an index entry, its data bar not labelled."""
+    mask = codec.decode_file(Path(item["mask"]))
+    return with_bar(mask, int(item["height"]), int(item.get("data_bar_rows") or 0))
+
+
 def _single_channel(raw: np.ndarray) -> np.ndarray:
     if raw.ndim == 2:
         return raw
@@ -165,4 +235,11 @@ def class_fractions(index: np.ndarray, num_classes: int) -> list[float]:
     return [float(c / total) if total else 0.0 for c in counts]
 
 
-__all__ = ["MaskCodec", "MaskDecodeError", "ImageReadError", "class_fractions"]
+__all__ = [
+    "MaskCodec",
+    "MaskDecodeError",
+    "ImageReadError",
+    "class_fractions",
+    "item_mask",
+    "with_bar",
+]

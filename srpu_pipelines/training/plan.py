@@ -216,7 +216,8 @@ def choose_model(
 ) -> tuple[ModelParams, str, dict[str, Any]]:
     """The largest rung of MODEL_LADDER (its explicit fields kept) that the budget still
     trains for MODEL_MIN_STEPS steps at the tile the structures want; the smallest when
-    none does, or when there is no time budget (the steps are then fixed, not the time). Returns (model, why, steps per rung)."""
+    none does, or when there is no time budget (the steps are then fixed, not the time).
+    Returns (model, why, steps per rung)."""
     rungs: list[tuple[str, ModelParams]] = []
     for name, enc, dec in MODEL_LADDER:
         m = model.model_copy(
@@ -404,7 +405,10 @@ def _resolution(fp: dict[str, Any]) -> str:
             "them to one size yet, so the model sees each at its own scale"
         )
     elif not known:
-        why += "; pixel sizes unknown (data.datasets[].pixel_size_nm)"
+        why += (
+            "; pixel sizes unknown (no calibration tag or sidecar file; "
+            "data.datasets[].pixel_size_nm sets one)"
+        )
     return why
 
 
