@@ -300,6 +300,50 @@ def cmd_predict(params: Params, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantify(params: Params, args: argparse.Namespace) -> int:
+    from srpu_pipelines.pipeline.steps import run_quantify
+
+    doc = run_quantify(params, _tracker(params), progress=not args.quiet)
+    for g, s in doc["per_dataset"].items():
+        unit = "µm" if s["length_unit"] == "um" else "px"
+        fr = ", ".join(
+            f"{n} {f['mean']:.3f}" + (f" [{f['ci'][0]:.3f}, {f['ci'][1]:.3f}]" if f["ci"] else "")
+            for n, f in s["fractions"].items()
+        )
+        print(f"{g} ({s['images']} images, lengths in {unit}): fractions {fr}")
+        for n, p in s["particles"].items():
+            d = p[f"eq_diameter_{s['length_unit']}"]
+            if d["median"] is not None:
+                print(f"  {n}: {p['count']} particles, median diameter {d['median']:g} {unit}")
+    print(f"tables and plots in {params.quantify.out_dir}")
+    return 0
+
+
+def cmd_import_masks(params: Params, args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from srpu_pipelines.data.annotations import AnnotationError, import_annotation
+    from srpu_pipelines.data.masks import MaskCodec
+
+    codec = MaskCodec.from_params(params)
+    failed = 0
+    for f in args.files:
+        try:
+            dest, mask = import_annotation(
+                f, codec, params.class_names, params.mask.suffix, args.background, args.out
+            )
+        except AnnotationError as e:
+            print(f"srpu: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        counts = np.bincount(mask.ravel(), minlength=256)
+        shares = ", ".join(
+            f"{n} {counts[k] / mask.size:.1%}" for k, n in enumerate(params.class_names)
+        )
+        print(f"{f} -> {dest} ({shares})")
+    return 1 if failed else 0
+
+
 def cmd_score(params: Params, args: argparse.Namespace) -> int:
     from srpu_pipelines.pipeline.active import run_score
 
@@ -523,6 +567,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_promote)
 
+    p = sub.add_parser(
+        "import-masks",
+        help="labelme JSON or ImageJ ROI sets (.roi, .zip) -> NAME_mask.png beside each image",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument(
+        "--background",
+        metavar="CLASS",
+        help="class of pixels no shape covers (default: not labelled, mask.ignore_color)",
+    )
+    p.add_argument("--out", help="write the masks here instead of beside the images")
+    p.set_defaults(func=cmd_import_masks)
+    p = sub.add_parser(
+        "quantify",
+        help="phase fractions, particle sizes, interface density, percolation and tortuosity "
+        "of labelled or predicted masks (quantify.*)",
+    )
+    p.add_argument(
+        "--source",
+        choices=["labels", "predictions"],
+        help="alias of --set quantify.source=...",
+    )
+    p.add_argument("--out", help="= --set quantify.out_dir=DIR")
+    p.set_defaults(
+        func=cmd_quantify,
+        aliases=section_aliases("quantify", {"source": "source", "out": "out_dir"}),
+    )
     p = sub.add_parser(
         "score", help="uncertainty and embeddings of every pool image with the champion (active.*)"
     )

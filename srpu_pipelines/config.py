@@ -463,6 +463,53 @@ class PredictParams(_Strict):
         description="champion: the registry's champion version; checkpoint: train.out_dir",
     )
     models_cache: Path = Path("outputs/models")
+    data_bar: Literal["auto", "none"] | Annotated[int, Field(ge=0)] = Field(
+        default="auto",
+        description="the data bar of the images to segment: auto (the FEI tag, else "
+        "detected per image), none, or a fixed number of rows; it is 'not sample' in "
+        "the masks and outside the class fractions",
+    )
+    pixel_size_nm: float | None = Field(
+        default=None,
+        gt=0,
+        description="pixel size of the images to segment in nm; null: from each file's "
+        "tags or sidecar (unknown: no scale bar, quantities in pixels)",
+    )
+
+
+class QuantifyParams(_Strict):
+    """``srpu quantify``: microstructure quantities of labelled or predicted masks."""
+
+    source: Literal["labels", "predictions"] = Field(
+        default="labels",
+        description="labels: the index's masks in ``splits``; predictions: the class-index "
+        "masks srpu predict wrote to predict.out_dir",
+    )
+    splits: list[str] = Field(default_factory=lambda: ["test"], min_length=1)
+    out_dir: Path = Path("outputs/quantify")
+    connectivity: Literal[4, 8] = Field(
+        default=4,
+        description="pixel neighbourhood of a particle and of a percolating path: 4 (edges "
+        "only, the conservative choice for transport) or 8 (corners too)",
+    )
+    min_particle_px: int = Field(
+        default=4, ge=1, description="particles smaller than this (noise) are not counted"
+    )
+    exclude_edge_particles: bool = Field(
+        default=True,
+        description="size distributions without particles cut by the image edge (their "
+        "size is unknown); counts and fractions keep them",
+    )
+    tortuosity: bool = Field(default=True, description="solve for the tortuosity factor")
+    tortuosity_max_px: int = Field(
+        default=512,
+        ge=32,
+        description="images larger than this along an axis are solved on centred crops of "
+        "this size (the solver's time grows with the square of the side)",
+    )
+    tortuosity_iter_limit: int = Field(default=20000, ge=100)
+    histogram_bins: int = Field(default=30, ge=5)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
 
 
 class DemoParams(_Strict):
@@ -601,6 +648,7 @@ class Params(_Strict):
     inference: InferenceParams = InferenceParams()
     evaluate: EvaluateParams = EvaluateParams()
     predict: PredictParams = PredictParams()
+    quantify: QuantifyParams = QuantifyParams()
     demo: DemoParams = DemoParams()
     tracking: TrackingParams = TrackingParams()
     pretrain: PretrainParams = PretrainParams()

@@ -27,6 +27,7 @@ from srpu_pipelines.assets.evaluation import (
     evaluation_asset,
     not_worse_than_champion,
 )
+from srpu_pipelines.assets.microstructure import microstructure_asset
 from srpu_pipelines.assets.predictions import predictions
 from srpu_pipelines.assets.pretraining import mae_encoder
 from srpu_pipelines.assets.training import stage_assets
@@ -47,8 +48,8 @@ CHECKS = [masks_decode_and_fit, splits_hold_every_class, not_worse_than_champion
 
 def pipeline_assets(params: Params) -> list[dg.AssetsDefinition]:
     """Every asset for ``params``: index, the MAE encoder (when a stage starts from it),
-    one per training stage, evaluation, champion, predictions, the pool's uncertainty
-    scores, the next batch to label and the round history."""
+    one per training stage, evaluation, champion, predictions, microstructure, the pool's
+    uncertainty scores, the next batch to label and the round history."""
     final = stage_asset_name(params.stages[-1].name)
     return [
         dataset_index,
@@ -58,6 +59,7 @@ def pipeline_assets(params: Params) -> list[dg.AssetsDefinition]:
         evaluation_asset(final),
         champion_model,
         predictions,
+        microstructure_asset(params),
         uncertainty_scores,
         selected_batch,
         round_history,

@@ -253,6 +253,21 @@ def test_scores_are_kept_until_the_model_or_the_image_changes(al_params):
     assert (fifth["computed"], fifth["kept"]) == (len(index["pool"]), 0)
 
 
+def test_the_data_bar_is_never_scored_nor_tiled(al_params):
+    from srpu_pipelines.active_learning.scoring import load_record
+    from srpu_pipelines.data.index import load_index
+
+    p = al_params
+    index = load_index(p.data.index_path)
+    bar = p.demo.info_bar
+    assert {it["data_bar_rows"] for it in index["pool"]} == {bar}  # found in the pixels
+    score_pool(p, index, _random_champion(p), "m/v1", progress=False)
+    for it in index["pool"]:
+        rec = load_record(p, it["id"])
+        assert rec["data_bar_rows"] == bar and rec["height"] == it["height"]
+        assert max(t["y"] + t["h"] for t in rec["tiles"]) == it["height"] - bar
+
+
 def test_coreset_wants_the_labelled_images_scored(al_params):
     # scored without core-set (labelled images skipped), selected with it: say so, do
     # not spread picks blind to what is labelled
@@ -281,6 +296,9 @@ def test_round_folder_exclusions_and_returning_masks(al_params):
         assert Path(s["image_file"]).is_file()
         mask = codec.decode_file(s["mask_file"])  # valid colours, full size
         assert mask.shape == (64, 64)
+        bar = p.demo.info_bar  # the data bar: 'not sample' in the mask to correct
+        assert s["data_bar_rows"] == bar and (mask[-bar:] == 255).all()
+        assert (mask[:-bar] != 255).all()
         assert Path(s["uncertainty_file"]).is_file()
         assert set(s["scores"]) == set(p.active.strategies)
         assert s["id"] in {it["id"] for it in load_index(p.data.index_path)["pool"]}
@@ -340,11 +358,13 @@ def test_cold_start_without_a_model_and_tiles_as_units(al_params):
     r = run_select(p, None)
     s = r["summary"]["selected"][0]
     y, x, h, w = s["box"]
-    assert s["id"] == tile_name(s["image_id"], y, x) and (h, w) == (32, 32)
+    # tiles cover the 56 sample rows above the 8-row data bar: 32 + 24
+    assert s["id"] == tile_name(s["image_id"], y, x) and (h, w) in {(32, 32), (24, 32)}
+    assert y + h <= 64 - p.demo.info_bar
     from srpu_pipelines.data.imageio import read_raw
 
-    assert read_raw(s["image_file"]).shape == (32, 32)
-    assert MaskCodec.from_params(p).decode_file(s["mask_file"]).shape == (32, 32)
+    assert read_raw(s["image_file"]).shape == (h, w)
+    assert MaskCodec.from_params(p).decode_file(s["mask_file"]).shape == (h, w)
     # a labelled tile excludes itself and its whole image from image-unit selection
     from srpu_pipelines.data.index import load_index
 

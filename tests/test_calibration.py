@@ -127,3 +127,18 @@ def test_inspect_cli_one_json_per_file_without_params(tmp_path, capsys, monkeypa
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert lines[0]["path"] == str(good) and lines[0]["compression"] == "ADOBE_DEFLATE"
     assert "b.tif" in lines[1]["error"]
+
+
+def test_a_tile_cut_for_labelling_carries_its_parents_pixel_size(tmp_path):
+    from srpu_pipelines.active_learning.rounds import _write_image
+
+    src = tmp_path / "pool" / "big.tif"
+    src.parent.mkdir()
+    tifffile.imwrite(src, np.arange(64 * 64, dtype=np.uint16).reshape(64, 64))
+    item = {"image": str(src), "name": "big__t8_16", "box": [8, 16, 32, 24], "pixel_size_nm": 12.5}
+    dest = _write_image(item, tmp_path / "round")
+    info = inspect_file(dest)
+    assert info["pixel_size_nm"] == 12.5 and "a tile of big.tif" in info["pixel_size_source"]
+    assert (info["height"], info["width"]) == (32, 24)
+    item = {**item, "name": "plain", "pixel_size_nm": None}
+    assert not _write_image(item, tmp_path / "round").with_suffix(".txt").exists()

@@ -43,6 +43,7 @@ def test_definitions_load():
         "evaluation",
         "champion_model",
         "predictions",
+        "microstructure",
         "uncertainty_scores",
         "selected_batch",
     } | stages <= keys
@@ -118,7 +119,11 @@ def test_materialize_everything(resources):
     assert batch["batch"].value.count("data:image/png") == 6  # image, mask, heat map each
     names = [r["name"] for r in FAKE.runs.values()]
     # one MLflow run each, and the first line of the active-learning history
-    assert names == ["mae_encoder", "train_head", "train_tune", "active_learning_round_1"]
+    assert sorted(names) == sorted(
+        ["mae_encoder", "train_head", "train_tune", "quantify", "active_learning_round_1"]
+    )
+    micro = _metadata(result, "microstructure")
+    assert micro["source"].value == "labels" and "| carbon |" in micro["quantities"].value
     run = FAKE.runs[FAKE.versions[0].run_id]
     assert run["params"]["train"]["epochs"] == 2 and run["tags"]["srpu.data_revision"]
     assert run["params"]["train"]["semi"]["enabled"] and run["tags"]["srpu.stage"] == "tune"

@@ -73,6 +73,7 @@ STAGES = [
     "evaluation",
     "champion_model",
     "predictions",
+    "microstructure",
     "uncertainty_scores",
     "selected_batch",
 ]

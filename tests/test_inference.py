@@ -1,5 +1,7 @@
 """Sliding-window inference, metrics, evaluation and folder prediction."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -77,6 +79,12 @@ def test_evaluate_writes_metrics_and_overlays(trained):
     assert (params.evaluate.out_dir / "metrics.json").is_file()
     ov = list((params.evaluate.out_dir / "overlays").glob("*.png"))
     assert len(ov) == 1 and Image.open(ov[0]).size == (64 * 3 + 12, 64)
+    # truth and prediction panels show the demo's data bar hatched as 'not sample'
+    fig = np.array(Image.open(ov[0]).convert("RGB"))
+    bar = params.demo.info_bar
+    for x0 in (64 + 6, 2 * (64 + 6)):
+        assert set(np.unique(fig[-bar:, x0 : x0 + 64])) == {60, 150}
+    assert len(set(np.unique(fig[:-bar, 2 * (64 + 6) :]))) > 2  # the sample is not
 
 
 def test_predict_folder_full_size_and_skips(trained):
@@ -91,9 +99,53 @@ def test_predict_folder_full_size_and_skips(trained):
     colour = Image.open(params.predict.out_dir / f"{stem}_pred.png")
     index = np.array(Image.open(params.predict.out_dir / f"{stem}_pred_index.png"))
     assert colour.size == img.size and index.shape == img.size[::-1]
-    assert set(np.unique(index)) <= {0, 1, 2}
-    lut = np.array([c.color for c in params.classes], np.uint8)
+    # the demo's data bar (8 rows, found in the pixels) is 'not sample', never a phase
+    bar = params.demo.info_bar
+    entry = res["predicted"][0]
+    assert entry["data_bar_rows"] == bar and entry["data_bar_source"].startswith("detected")
+    assert (index[-bar:] == 255).all() and set(np.unique(index[:-bar])) <= {0, 1, 2}
+    lut = np.zeros((256, 3), np.uint8)
+    lut[:3] = [c.color for c in params.classes]
+    lut[255] = params.mask.ignore_color
     assert np.array_equal(np.array(colour.convert("RGB")), lut[index])
+    # the class fractions are shares of the sample: the bar is in none of them
+    sample = index[:-bar]
+    for k, n in enumerate(params.class_names):
+        assert entry["class_fractions"][n] == pytest.approx((sample == k).mean(), abs=1e-6)
+    assert sum(entry["class_fractions"].values()) == pytest.approx(1.0, abs=1e-5)
+    # the indexed PNG carries the class colours as its palette; the TIFF holds the same labels
+    pal = Image.open(params.predict.out_dir / f"{stem}_pred_index.png")
+    assert pal.mode == "P"
+    assert pal.getpalette()[:9] == [v for c in params.classes for v in c.color]
+    import tifffile
+
+    with tifffile.TiffFile(params.predict.out_dir / f"{stem}_labels.tif") as tf:
+        assert tf.pages.first.photometric == tifffile.PHOTOMETRIC.PALETTE
+        assert np.array_equal(tf.asarray(), index)
+    # the overlay: image | prediction, the bar hatched (two greys), not painted as a phase
+    ov = np.array(Image.open(params.predict.out_dir / f"{stem}_overlay.png").convert("RGB"))
+    w = img.size[0]
+    assert ov.shape == (img.size[1], 2 * w + 6, 3)
+    hatched = ov[-bar:, w + 6 :]
+    assert set(np.unique(hatched)) == {60, 150}
+
+
+def test_predict_overlay_has_a_scale_bar_when_the_pixel_size_is_known(trained, tmp_path):
+    params, _, ckpt = trained
+    p = params.model_copy(deep=True)
+    p.predict.pixel_size_nm = 100.0  # 64 px = 6.4 um: a 1 um bar of 10 px
+    res = predict_folder(p, ckpt, out_dir=tmp_path, progress=False)
+    entry = res["predicted"][0]
+    assert entry["pixel_size_nm"] == 100.0 and "predict.pixel_size_nm" in entry["pixel_size_source"]
+    stem = Path(entry["image"]).stem
+    h, w = entry["height"], entry["width"]
+    ov = np.array(Image.open(tmp_path / f"{stem}_overlay.png").convert("RGB"))
+    first = ov[:, :w]
+    white = np.all(first == 255, axis=-1)
+    bar_rows = [y for y in range(h) if white[y].sum() >= 10]
+    assert bar_rows and max(bar_rows) < h - params.demo.info_bar  # above the data bar
+    plain = np.array(Image.open(params.predict.out_dir / f"{stem}_overlay.png").convert("RGB"))
+    assert not np.array_equal(plain[:, :w], first)  # without a pixel size: no bar
 
 
 def test_predict_refuses_to_write_into_its_input(trained):

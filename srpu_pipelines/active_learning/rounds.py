@@ -28,10 +28,11 @@ import numpy as np
 from PIL import Image
 
 from srpu_pipelines.config import Params
-from srpu_pipelines.data.discovery import Pair, Problem, find_labeled
+from srpu_pipelines.data.discovery import SIDECARS, Pair, Problem, find_labeled
 from srpu_pipelines.data.imageio import read_raw
 from srpu_pipelines.data.masks import MaskCodec, item_mask
 from srpu_pipelines.io.files import (
+    atomic_write_bytes,
     atomic_write_json,
     atomic_write_with,
     read_json,
@@ -107,11 +108,17 @@ def heat_map(values: np.ndarray) -> np.ndarray:
 
 
 def _write_image(item: dict[str, Any], dest_dir: Path) -> Path:
-    """The image a person labels: the pool file itself, or the tile cut from it."""
+    """The image a person labels: the pool file itself (with its calibration sidecar, if
+    any), or the tile cut from it; a tile of a calibrated image carries its parent's pixel
+    size in a ``NAME.txt`` sidecar (``PixelSize=`` in nm, read back by ``srpu index``)."""
     src = Path(item["image"])
     if item["box"] is None:
         dest = dest_dir / f"{item['name']}{src.suffix}"
         atomic_write_with(dest, lambda tmp: shutil.copyfile(src, tmp))
+        for side in SIDECARS:
+            if src.with_suffix(side).is_file():
+                s = src.with_suffix(side)
+                atomic_write_with(dest.with_suffix(side), lambda tmp, s=s: shutil.copyfile(s, tmp))
         return dest
     import tifffile
 
@@ -119,6 +126,12 @@ def _write_image(item: dict[str, Any], dest_dir: Path) -> Path:
     crop = np.ascontiguousarray(read_raw(src)[y : y + h, x : x + w])
     dest = dest_dir / f"{item['name']}.tif"
     atomic_write_with(dest, lambda tmp: tifffile.imwrite(tmp, crop))
+    if item.get("pixel_size_nm"):
+        text = (
+            f"[SemImageFile]\nPixelSize={item['pixel_size_nm']:.6g}\nSrpuTileOf={src.name}\n"
+            f"SrpuTileBox={y},{x},{h},{w}\n"
+        )
+        atomic_write_bytes(dest.with_suffix(".txt"), text.encode())
     return dest
 
 
@@ -148,7 +161,8 @@ def write_round(
             _save_png(mask, codec.to_color(labels))
             _save_png(d / "predicted" / mask.name, codec.to_color(labels))
             _save_png(d / f"{item['name']}_uncertainty.png", heat_map(unc))
-            fractions = np.bincount(labels.ravel(), minlength=codec.num_classes) / labels.size
+            counts = np.bincount(labels.ravel(), minlength=256)[: codec.num_classes]
+            fractions = counts / max(int(counts.sum()), 1)  # of the sample: the bar is none
             entry.update(
                 mask_file=str(mask),
                 uncertainty_file=str(d / f"{item['name']}_uncertainty.png"),
@@ -170,8 +184,10 @@ def write_round(
         "selected": files,
         "how_to": (
             f"Correct each NAME{params.mask.suffix}.png (or paint one, in a cold start) in the "
-            "class colours, then put NAME.ext and the mask into the labelled folder of the "
-            "item's sub-dataset (the folder name here). Keep the file names."
+            "class colours, then put NAME.ext, the mask and NAME.txt where there is one (it "
+            "carries the pixel size) into the labelled folder of the item's sub-dataset (the "
+            "folder name here). Keep the file names. Pixels in the ignore colour (the data "
+            "bar) are not sample: leave them so."
         ),
     }
     atomic_write_json(folder / "selection_summary.json", summary)  # last: marks it complete

@@ -40,7 +40,7 @@ from srpu_pipelines.io.files import atomic_write_json, atomic_write_with, read_j
 
 log = logging.getLogger(__name__)
 COLD_KEY = "cold-start"  # model_key of records made without a model
-SCORES_VERSION = 1
+SCORES_VERSION = 2  # 2: the data bar is cut off before scoring
 
 
 def safe_name(item_id: str) -> str:
@@ -196,6 +196,7 @@ def is_fresh(
         and record.get("model_key") == model_key
         and record.get("image_sha256") == item["image_sha256"]
         and record.get("settings") == settings
+        and record.get("data_bar_rows", 0) == int(item.get("data_bar_rows") or 0)
     )
 
 
@@ -224,9 +225,12 @@ def score_image(
     in_channels: int,
     model_key: str,
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """Score one pool image: (record, embeddings (n_tiles, D))."""
+    """Score one pool image: (record, embeddings (n_tiles, D)). Only the sample above its
+    data bar is scored and tiled: the bar can never be picked."""
     a = params.active
-    image01 = stretch(read_grey(item["image"]))
+    grey = read_grey(item["image"])
+    bar = int(item.get("data_bar_rows") or 0)
+    image01 = stretch(grey[: grey.shape[0] - bar])
     h, w = image01.shape
     tiles = tile_grid(h, w, a.tile_size)
     record: dict[str, Any] = {
@@ -234,8 +238,9 @@ def score_image(
         "dataset": item["dataset"],
         "image": item["image"],
         "image_sha256": item["image_sha256"],
-        "height": h,
+        "height": h + bar,
         "width": w,
+        "data_bar_rows": bar,
         "model_key": model_key,
         "settings": settings_key(params),
     }

@@ -14,9 +14,12 @@ from tqdm import tqdm
 
 from srpu_pipelines.analysis.inference import predict_labels
 from srpu_pipelines.analysis.metrics import ConfusionAccumulator
+from srpu_pipelines.analysis.scalebar import draw_scale_bar
 from srpu_pipelines.compute.device import Runtime, prepare_module, resolve_runtime
-from srpu_pipelines.config import InferenceParams, Params
-from srpu_pipelines.data.dataset import load_samples, standardize
+from srpu_pipelines.config import IGNORE_INDEX, InferenceParams, Params
+from srpu_pipelines.data.calibration import calibrate
+from srpu_pipelines.data.dataset import load_samples, standardize, stretch
+from srpu_pipelines.data.discovery import SIDECARS
 from srpu_pipelines.data.imageio import ImageReadError, is_image_file, read_grey
 from srpu_pipelines.data.index import select_items
 from srpu_pipelines.data.masks import MaskCodec
@@ -60,17 +63,72 @@ def _predict(model, cfg: dict, image01: np.ndarray, params: Params) -> np.ndarra
     )
 
 
+def _hatch(rgb: np.ndarray, rows: int) -> np.ndarray:
+    """The bottom ``rows`` of ``rgb`` striped grey and dark: 'not sample' at a glance."""
+    if rows <= 0:
+        return rgb
+    rgb = rgb.copy()
+    h, w = rgb.shape[:2]
+    yy, xx = np.mgrid[h - rows : h, 0:w]
+    rgb[h - rows :] = np.where((((yy + xx) // 6) % 2 == 0)[..., None], 150, 60).astype(np.uint8)
+    return rgb
+
+
 def overlay_figure(
-    image01: np.ndarray, truth_rgb: np.ndarray, pred_rgb: np.ndarray, alpha: float = 0.45
+    image01: np.ndarray,
+    truth_rgb: np.ndarray | None,
+    pred_rgb: np.ndarray,
+    alpha: float = 0.45,
+    bar_rows: int = 0,
+    pixel_size_nm: float | None = None,
 ) -> np.ndarray:
-    """uint8 (H, 3W + 2*gap, 3): image | truth over image | prediction over image."""
+    """uint8 (H, nW + gaps, 3): image | truth over image (when given) | prediction over
+    image. The data bar's ``bar_rows`` stay as imaged in the first panel and are hatched
+    as 'not sample' in the others; a scale bar (when ``pixel_size_nm`` is known) sits on
+    the first panel above the data bar."""
     grey = np.repeat((np.clip(image01, 0, 1) * 255).astype(np.uint8)[..., None], 3, -1)
 
     def blend(rgb: np.ndarray) -> np.ndarray:
-        return (grey * (1 - alpha) + rgb * alpha).astype(np.uint8)
+        return _hatch((grey * (1 - alpha) + rgb * alpha).astype(np.uint8), bar_rows)
 
+    first, _ = draw_scale_bar(grey, pixel_size_nm, grey.shape[0] - bar_rows)
     gap = np.full((grey.shape[0], 6, 3), 255, np.uint8)
-    return np.concatenate([grey, gap, blend(truth_rgb), gap, blend(pred_rgb)], axis=1)
+    panels = [first] + ([gap, blend(truth_rgb)] if truth_rgb is not None else [])
+    return np.concatenate([*panels, gap, blend(pred_rgb)], axis=1)
+
+
+def with_bar_rows(sample_pred: np.ndarray, bar_rows: int) -> np.ndarray:
+    """A prediction of the sample above the data bar, extended over the bar as 'not sample'
+    (``IGNORE_INDEX``): a mask of the whole file."""
+    if not bar_rows:
+        return sample_pred
+    pad = np.full((bar_rows, sample_pred.shape[1]), IGNORE_INDEX, sample_pred.dtype)
+    return np.vstack([sample_pred, pad])
+
+
+def save_label_files(out: Path, stem: str, pred: np.ndarray, codec: MaskCodec) -> None:
+    """``STEM_pred.png`` (colour mask, ready to correct in a painter), ``STEM_pred_index.png``
+    (an indexed PNG: pixel value = class, with the class colours as its palette) and
+    ``STEM_labels.tif`` (the same as a palette TIFF, which Fiji opens as an indexed image
+    and napari, reading the raw values, as labels). 'Not sample' is ``IGNORE_INDEX``."""
+    import tifffile
+
+    _save_png(out / f"{stem}_pred.png", codec.to_color(pred))
+    lut = codec.to_color(np.arange(256, dtype=np.uint8)[None])[0]  # (256, 3)
+
+    def indexed(tmp: Path) -> None:
+        im = Image.frombytes("P", (pred.shape[1], pred.shape[0]), np.ascontiguousarray(pred))
+        im.putpalette(lut.ravel().tolist())
+        im.save(tmp, format="PNG")
+
+    atomic_write_with(out / f"{stem}_pred_index.png", indexed)
+    cmap = lut.T.astype(np.uint16) * 257  # (3, 256), 16-bit as TIFF colormaps are
+    atomic_write_with(
+        out / f"{stem}_labels.tif",
+        lambda tmp: tifffile.imwrite(
+            tmp, pred, photometric="palette", colormap=cmap, compression="zlib"
+        ),
+    )
 
 
 def _save_png(path: Path, arr: np.ndarray) -> None:
@@ -100,6 +158,7 @@ def evaluate_checkpoint(
         raise ValueError(f"evaluate.split {split!r}: no labelled images in this split")
     model, cfg = load_checked(params, checkpoint)
     codec = MaskCodec.from_params(params)
+    by_id = {it["id"]: it for it in items}
     # overlays of an earlier evaluation (another split, more pictures) would pass as new
     for old in (out / "overlays").glob("*.png"):
         old.unlink()
@@ -114,7 +173,7 @@ def evaluate_checkpoint(
         disable=not progress,
         unit="img",
     ):
-        pred = _predict(model, cfg, s.image, params)
+        pred = _predict(model, cfg, s.image, params)  # the sample above the data bar
         overall.update(pred, s.mask)
         per_ds.setdefault(s.dataset, ConfusionAccumulator(params.num_classes)).update(pred, s.mask)
         one = ConfusionAccumulator(params.num_classes)
@@ -122,7 +181,16 @@ def evaluate_checkpoint(
         sc = one.scores(params.class_names)
         per_image.append({"id": s.id, "miou": sc["miou"], "iou": sc["iou"]})
         if shown < params.evaluate.overlays:
-            fig = overlay_figure(s.image, codec.to_color(s.mask), codec.to_color(pred))
+            item = by_id[s.id]
+            full = read_grey(Path(item["image"]))  # the whole file, its bar included
+            bar = s.bar_rows
+            fig = overlay_figure(
+                np.vstack([s.image, stretch(full[full.shape[0] - bar :])]) if bar else s.image,
+                codec.to_color(with_bar_rows(s.mask, bar)),
+                codec.to_color(with_bar_rows(pred, bar)),
+                bar_rows=bar,
+                pixel_size_nm=item.get("pixel_size_nm"),
+            )
             png = out / "overlays" / f"{_safe_name(s.id)}.png"
             _save_png(png, fig)
             overlay_files.append(str(png))
@@ -149,12 +217,16 @@ def predict_folder(
 ) -> dict[str, Any]:
     """Segment every image in ``input_dir`` at full size.
 
-    For each ``NAME.ext`` writes ``NAME_pred.png`` (colour mask in the params colours, ready
-    to correct in a painter) and ``NAME_pred_index.png`` (class indices). Unreadable files
-    are listed under ``skipped``; nothing in the input folder is modified.
+    For each ``NAME.ext`` writes the label files of :func:`save_label_files` and
+    ``NAME_overlay.png`` (image | prediction over it, the data bar hatched as 'not sample',
+    a scale bar where the pixel size is known). The data bar (``predict.data_bar``: the FEI
+    tag, else detected) is not segmented: it is 'not sample' in every mask and outside the
+    class fractions. Unreadable files are listed under ``skipped``; nothing in the input
+    folder is modified.
     """
-    src = Path(input_dir or params.predict.input_dir)
-    out = Path(out_dir or params.predict.out_dir)
+    pr = params.predict
+    src = Path(input_dir or pr.input_dir)
+    out = Path(out_dir or pr.out_dir)
     if not src.is_dir():
         raise FileNotFoundError(f"predict.input_dir: folder {src} not found")
     if src.resolve() == out.resolve():
@@ -164,28 +236,54 @@ def predict_folder(
     files = sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
     stems = Counter(p.stem for p in files if is_image_file(p))
     written, skipped = [], []
+    warned = False
     for p in tqdm(files, desc="predict", disable=not progress, unit="img"):
         if not is_image_file(p):
-            skipped.append({"path": str(p), "reason": "not an image file"})
+            if not (p.suffix in SIDECARS and p.stem in stems):  # a calibration sidecar
+                skipped.append({"path": str(p), "reason": "not an image file"})
             continue
         if stems[p.stem] > 1:  # a.png and a.tif would write the same a_pred.png
             skipped.append({"path": str(p), "reason": f"another image is also named {p.stem!r}"})
             continue
         try:
             img = read_grey(p)
+            cal = calibrate(p, img, pr.pixel_size_nm, pr.data_bar, "predict.data_bar")
         except ImageReadError as e:
             skipped.append({"path": str(p), "reason": str(e)})
             log.warning("skipped %s", e)
             continue
-        pred = _predict(model, cfg, img, params)
-        _save_png(out / f"{p.stem}_pred.png", codec.to_color(pred))
-        _save_png(out / f"{p.stem}_pred_index.png", pred)
-        fractions = np.bincount(pred.ravel(), minlength=params.num_classes) / pred.size
+        bar = cal["data_bar_rows"]
+        if bar >= img.shape[0]:
+            skipped.append({"path": str(p), "reason": f"data bar of {bar} rows fills the image"})
+            continue
+        if bar and codec.ignore_color is None and not warned:
+            log.warning(
+                "data bars found but mask.ignore_color is not set: the bar is black in the "
+                "colour masks; set mask.ignore_color so a corrected mask keeps it unlabelled"
+            )
+            warned = True
+        sample = img[: img.shape[0] - bar]
+        pred = with_bar_rows(_predict(model, cfg, sample, params), bar)
+        save_label_files(out, p.stem, pred, codec)
+        fig = overlay_figure(
+            stretch(img),
+            None,
+            codec.to_color(pred),
+            bar_rows=bar,
+            pixel_size_nm=cal["pixel_size_nm"],
+        )
+        _save_png(out / f"{p.stem}_overlay.png", fig)
+        fractions = np.bincount(pred.ravel(), minlength=256)[: params.num_classes]
+        fractions = fractions / max(int(fractions.sum()), 1)
         written.append(
             {
                 "image": str(p),
                 "height": int(img.shape[0]),
                 "width": int(img.shape[1]),
+                "data_bar_rows": bar,
+                "data_bar_source": cal["data_bar_source"],
+                "pixel_size_nm": cal["pixel_size_nm"],
+                "pixel_size_source": cal["pixel_size_source"],
                 "class_fractions": {
                     n: round(float(f), 6)
                     for n, f in zip(params.class_names, fractions, strict=True)

@@ -16,8 +16,9 @@ from srpu_pipelines.resources.dagster_resources import MlflowResource, ParamsRes
 @dg.asset(
     group_name="inference",
     deps=[champion_model],
-    description="Colour and class-index masks for every image in predict.input_dir, "
-    "made by the champion model (srpu predict).",
+    description="Colour, indexed-PNG and palette-TIFF masks and an overlay for every image "
+    "in predict.input_dir, made by the champion model (srpu predict); the data bar is "
+    "'not sample'.",
 )
 def predictions(params: ParamsResource, mlflow: MlflowResource) -> dg.MaterializeResult:
     p = params.load()
@@ -31,5 +32,6 @@ def predictions(params: ParamsResource, mlflow: MlflowResource) -> dg.Materializ
     }
     if res["predicted"]:
         first = Path(res["predicted"][0]["image"])
-        meta["preview"] = image_preview(Path(p.predict.out_dir) / f"{first.stem}_pred.png")
+        meta["preview"] = image_preview(Path(p.predict.out_dir) / f"{first.stem}_overlay.png")
+        meta["data_bar_rows"] = res["predicted"][0]["data_bar_rows"]
     return dg.MaterializeResult(metadata=meta)

@@ -117,13 +117,15 @@ def _sidecar(path: Path) -> dict[str, Any] | None:
     except OSError as e:
         raise ImageReadError(f"{side}: sidecar calibration file unreadable ({e})") from None
     m = re.search(r"^\s*PixelSize\s*=\s*([0-9.eE+-]+)", text, re.M)
-    if m:  # Hitachi: nm per pixel
+    if m:  # Hitachi (or a tile SRPU cut for labelling): nm per pixel
         name = re.search(r"^\s*InstructName\s*=\s*(.+)$", text, re.M)
+        parent = re.search(r"^\s*SrpuTileOf\s*=\s*(.+)$", text, re.M)
         px = _nm(m.group(1), "nm")
+        kind = f"a tile of {parent.group(1).strip()}" if parent else "Hitachi"
         return {
-            "instrument": f"Hitachi {name.group(1).strip()}" if name else "Hitachi",
+            "instrument": f"Hitachi {name.group(1).strip()}" if name else kind,
             "pixel_size_nm": px,
-            "source": f"{side.name} PixelSize (Hitachi, nm)"
+            "source": f"{side.name} PixelSize ({kind}, nm)"
             if px
             else f"{side.name}: PixelSize {m.group(1)!r} is not a positive number",
         }
@@ -206,3 +208,34 @@ def inspect_file(path: str | Path, bar: bool = True) -> dict[str, Any]:
         out["data_bar_rows"] = found_bar["rows"]
         out["data_bar_source"] = f"detected: {found_bar['why']}"
     return out
+
+
+def calibrate(
+    path: str | Path,
+    grey: Any,
+    pixel_size_nm: float | None = None,
+    data_bar: str | int = "auto",
+    where: str = "data_bar",
+) -> dict[str, Any]:
+    """Pixel size and data bar of one image whose pixels ``grey`` are already decoded:
+    ``pixel_size_nm`` (a params override) wins over the file's tags and sidecar; the bar
+    is ``data_bar`` when that is ``none`` or a number of rows (``where`` names the key in
+    the answer's source), else the FEI tag, else detected from ``grey``."""
+    info = inspect_file(path, bar=False)
+    if pixel_size_nm is not None:
+        nm, source = pixel_size_nm, f"params {where.rsplit('.', 1)[0]}.pixel_size_nm"
+    else:
+        nm, source = info["pixel_size_nm"], info["pixel_size_source"]
+    out: dict[str, Any] = {"pixel_size_nm": nm, "pixel_size_source": source}
+    if data_bar == "none":
+        return {**out, "data_bar_rows": 0, "data_bar_source": f"params {where}: none"}
+    if isinstance(data_bar, int):
+        return {**out, "data_bar_rows": data_bar, "data_bar_source": f"params {where}: {data_bar}"}
+    if "data_bar_rows" in info:
+        return {
+            **out,
+            "data_bar_rows": int(info["data_bar_rows"]),
+            "data_bar_source": info["data_bar_source"],
+        }
+    found = detect_bar(grey)
+    return {**out, "data_bar_rows": found["rows"], "data_bar_source": f"detected: {found['why']}"}

@@ -39,7 +39,9 @@ def standardize(img: np.ndarray, eps: float = 1e-6) -> np.ndarray:
 
 @dataclass
 class Sample:
-    """One labelled micrograph in memory."""
+    """One labelled micrograph in memory: the sample above its data bar (``bar_rows``
+    rows of the file are cut off: they are no sample, so never trained, scored or
+    counted)."""
 
     id: str
     dataset: str
@@ -47,6 +49,7 @@ class Sample:
     mask: np.ndarray  # uint8 (H, W)
     mean: float
     std: float
+    bar_rows: int = 0
 
     @property
     def normalized(self) -> np.ndarray:
@@ -56,16 +59,25 @@ class Sample:
 def load_samples(
     items: list[dict[str, Any]], codec: MaskCodec, desc: str = "load", progress: bool = True
 ) -> list[Sample]:
-    """Read the index items' images and masks into memory."""
+    """Read the index items' images and masks into memory, each cut above its data bar."""
     out = []
     for it in tqdm(items, desc=desc, disable=not progress, unit="img", leave=False):
-        img = stretch(read_grey(Path(it["image"])))
+        img = read_grey(Path(it["image"]))
         mask = item_mask(it, codec)  # the data bar, if any, not labelled
         if img.shape != mask.shape:
             raise ValueError(f"{it['mask']}: mask size {mask.shape} differs from image {img.shape}")
+        bar = int(it.get("data_bar_rows") or 0)
+        rows = img.shape[0] - bar
+        img = stretch(img[:rows])
         out.append(
             Sample(
-                it["id"], it["dataset"], img, mask, float(img.mean()), max(float(img.std()), 1e-6)
+                it["id"],
+                it["dataset"],
+                img,
+                np.ascontiguousarray(mask[:rows]),
+                float(img.mean()),
+                max(float(img.std()), 1e-6),
+                bar,
             )
         )
     return out

@@ -18,14 +18,12 @@ import numpy as np
 from tqdm import tqdm
 
 from srpu_pipelines.config import DatasetSpec, Params
-from srpu_pipelines.data.calibration import inspect_file
-from srpu_pipelines.data.databar import detect_bar
+from srpu_pipelines.data.calibration import calibrate
 from srpu_pipelines.data.discovery import Pair, PoolImage, Problem, find_labeled, find_pool
 from srpu_pipelines.data.fingerprint import item_stats
 from srpu_pipelines.data.imageio import (
     IMAGE_EXTENSIONS,
     ImageReadError,
-    image_size,
     read_grey,
     read_raw,
     to_grey,
@@ -60,33 +58,13 @@ def _posix(p: Path) -> str:
     return p.as_posix()
 
 
-def _calibration(path: Path, spec: DatasetSpec | None) -> dict[str, Any]:
-    """Pixel size and the data bar's source from the file's tags, sidecar or params."""
-    info = inspect_file(path, bar=False)
-    if spec is not None and spec.pixel_size_nm is not None:
-        nm, source = spec.pixel_size_nm, f"params data.datasets[{spec.name}].pixel_size_nm"
-    else:
-        nm, source = info["pixel_size_nm"], info["pixel_size_source"]
-    out = {"pixel_size_nm": nm, "pixel_size_source": source}
-    if "data_bar_rows" in info:
-        out["tag_bar_rows"] = (info["data_bar_rows"], info["data_bar_source"])
-    return out
-
-
-def _bar(grey: np.ndarray, cal: dict[str, Any], spec: DatasetSpec | None) -> dict[str, Any]:
-    """Rows of the data bar at the bottom: the params setting, else the FEI tag, else
-    detected from the pixels (``data/databar.py``)."""
-    setting = spec.data_bar if spec is not None else "auto"
-    tag = cal.pop("tag_bar_rows", None)
-    where = f"data.datasets[{spec.name}].data_bar" if spec is not None else "data_bar"
-    if setting == "none":
-        return {"data_bar_rows": 0, "data_bar_source": f"params {where}: none"}
-    if isinstance(setting, int):
-        return {"data_bar_rows": setting, "data_bar_source": f"params {where}: {setting}"}
-    if tag is not None:
-        return {"data_bar_rows": int(tag[0]), "data_bar_source": tag[1]}
-    found = detect_bar(grey)
-    return {"data_bar_rows": found["rows"], "data_bar_source": f"detected: {found['why']}"}
+def _calibrate(path: Path, grey: np.ndarray, spec: DatasetSpec | None) -> dict[str, Any]:
+    """Pixel size and data bar of one image: its sub-dataset's params, else the file."""
+    if spec is None:
+        return calibrate(path, grey)
+    return calibrate(
+        path, grey, spec.pixel_size_nm, spec.data_bar, f"data.datasets[{spec.name}].data_bar"
+    )
 
 
 def check_pair(
@@ -101,7 +79,7 @@ def check_pair(
     try:
         raw = read_raw(pair.image, palette="rgb")
         img = to_grey(raw)
-        cal = _calibration(pair.image, spec)
+        cal = _calibrate(pair.image, img, spec)
     except ImageReadError as e:
         return None, Problem(str(pair.image), str(e).split(": ", 1)[-1])
     try:
@@ -109,8 +87,7 @@ def check_pair(
     except (ImageReadError, MaskDecodeError) as e:
         return None, Problem(str(pair.mask), str(e).split(": ", 1)[-1])
     h, w = img.shape
-    bar = _bar(img, cal, spec)
-    rows = bar["data_bar_rows"]
+    rows = cal["data_bar_rows"]
     if rows >= h:
         return None, Problem(
             str(pair.image), f"data bar of {rows} rows is not below an image of {h} rows"
@@ -125,7 +102,7 @@ def check_pair(
                 f"mask size {w}x{mask.shape[0]} differs from image {pair.image.name} size "
                 f"{w}x{h}: {short} rows shorter; a mask without the data bar is accepted "
                 f"when the bar is that tall, but the bar "
-                f"here is {rows} rows ({bar['data_bar_source']}); set "
+                f"here is {rows} rows ({cal['data_bar_source']}); set "
                 f"data.datasets[{pair.dataset}].data_bar: {short} if it is {short} rows",
             )
         else:
@@ -152,7 +129,6 @@ def check_pair(
         "snapped_pixels": snapped,  # within mask.color_tolerance of a class colour
         "stats": item_stats(raw[sample], img[sample], mask[sample], codec.num_classes),
         **cal,
-        **bar,
     }
     return entry, None
 
@@ -162,9 +138,8 @@ def _check_pool(
 ) -> tuple[dict[str, Any] | None, Problem | None]:
     spec = specs.get(img.dataset)
     try:
-        h, w = image_size(img.image)
         grey = read_grey(img.image)  # decode once: a truncated file is caught now, not in round 5
-        cal = _calibration(img.image, spec)
+        cal = _calibrate(img.image, grey, spec)
     except ImageReadError as e:
         return None, Problem(str(img.image), str(e).split(": ", 1)[-1])
     return {
@@ -173,10 +148,9 @@ def _check_pool(
         "dataset": img.dataset,
         "image": _posix(img.image),
         "image_sha256": sha256_file(img.image),
-        "height": int(h),
-        "width": int(w),
+        "height": int(grey.shape[0]),
+        "width": int(grey.shape[1]),
         **cal,
-        **_bar(grey, cal, spec),
     }, None
 
 
@@ -192,9 +166,13 @@ def assign_splits(
 ) -> dict[str, str]:
     """Split per item id: explicit file first, then the previous index, then stratified.
 
-    New items are placed one by one, in a seed-fixed order, into the split of their stratum
-    (sub-dataset x rare classes present) that is furthest below its target share; ties go to
-    the split furthest below target overall.
+    Validation and test are fixed per sub-dataset once they exist: a new image of a
+    sub-dataset whose val and test splits the previous index already holds goes to train
+    (a corrected mask from a round feeds training, and the gate, the stop rule and the
+    history keep scoring the same images). Other new items (the first index, a new
+    sub-dataset, one still without val or test) are placed one by one, in a seed-fixed
+    order, into the split of their stratum (sub-dataset x rare classes present) that is
+    furthest below its target share; ties go to the split furthest below target overall.
     """
     sp = params.data.split
     fractions = {"train": 1.0 - sp.val - sp.test, "val": sp.val, "test": sp.test}

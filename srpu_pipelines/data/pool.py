@@ -2,7 +2,8 @@
 masks) for MAE pretraining and semi-supervised training.
 
 Images are read on demand and kept in a small cache, so memory stays bounded however
-large the pool is. Each tile is standardised with its whole image's mean and standard
+large the pool is. An image's data bar (``data_bar_rows`` in the index) is cut off first:
+it is not sample. Each tile is standardised with its whole sample's mean and standard
 deviation (after the same min-max stretch as labelled images), exactly as the
 segmentation model sees images at training and inference time.
 """
@@ -40,15 +41,25 @@ def unlabeled_paths(
     return sorted(paths)
 
 
+def bar_rows(index: dict[str, Any]) -> dict[str, int]:
+    """Image path -> rows of its data bar, for every pool and labelled image that has one."""
+    return {
+        it["image"]: int(it["data_bar_rows"])
+        for it in [*index.get("pool", []), *index["items"]]
+        if it.get("data_bar_rows")
+    }
+
+
 @functools.lru_cache(maxsize=64)
-def _load(path: str) -> tuple[np.ndarray, float, float]:
-    img = stretch(read_grey(Path(path)))
+def _load(path: str, bar: int = 0) -> tuple[np.ndarray, float, float]:
+    img = read_grey(Path(path))
+    img = stretch(img[: img.shape[0] - bar] if bar else img)
     return img.astype(np.float32), float(img.mean()), max(float(img.std()), 1e-6)
 
 
-def load_standardized(path: str) -> np.ndarray:
-    """The whole image, stretched and standardised: float32 (H, W)."""
-    img, mean, std = _load(path)
+def load_standardized(path: str, bar: int = 0) -> np.ndarray:
+    """The image above its data bar (``bar`` rows), stretched and standardised: float32."""
+    img, mean, std = _load(path, bar)
     return (img - mean) / std
 
 
@@ -58,7 +69,13 @@ class UnlabeledTiles(torch.utils.data.Dataset):
     generator seeded by (seed, epoch, i) alone, like :class:`TileSampler`'s."""
 
     def __init__(
-        self, paths: list[str], tile: int, length: int, seed: int, source: str = ""
+        self,
+        paths: list[str],
+        tile: int,
+        length: int,
+        seed: int,
+        source: str = "",
+        bars: dict[str, int] | None = None,
     ) -> None:
         if not paths:
             raise ValueError(
@@ -66,6 +83,7 @@ class UnlabeledTiles(torch.utils.data.Dataset):
                 f"folders) and no labelled images in the splits named for unlabelled use{source}"
             )
         self.paths, self.tile, self.length, self.seed = paths, tile, length, seed
+        self.bars = bars or {}
 
     def __len__(self) -> int:
         return self.length
@@ -77,7 +95,8 @@ class UnlabeledTiles(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         """(1, T, T) float32 standardised tile."""
         rng, t = self.generator(index), self.tile
-        img = load_standardized(self.paths[int(rng.integers(len(self.paths)))])
+        path = self.paths[int(rng.integers(len(self.paths)))]
+        img = load_standardized(path, self.bars.get(path, 0))
         ph, pw = max(0, t - img.shape[0]), max(0, t - img.shape[1])
         if ph or pw:
             img = np.pad(img, ((0, ph), (0, pw)), mode="reflect")

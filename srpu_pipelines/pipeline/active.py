@@ -77,9 +77,16 @@ def _predictor(params: Params, checkpoint: Path):
     def predict(item: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         if item["image_id"] not in cache:
             cache.clear()
-            img = standardize(stretch(read_grey(item["image"])))
+            grey = read_grey(item["image"])
+            bar = int(item.get("data_bar_rows") or 0)
+            img = standardize(stretch(grey[: grey.shape[0] - bar]))  # the sample only
             probs, _ = ensemble_probs(model, img, params, cfg["in_channels"])
-            cache[item["image_id"]] = (probs.argmax(0).astype(np.uint8), entropy_map(probs))
+            labels = probs.argmax(0).astype(np.uint8)
+            unc = entropy_map(probs)
+            if bar:  # the bar: 'not sample' in the mask to correct, certain
+                labels = np.vstack([labels, np.full((bar, labels.shape[1]), 255, np.uint8)])
+                unc = np.vstack([unc, np.zeros((bar, unc.shape[1]), unc.dtype)])
+            cache[item["image_id"]] = (labels, unc)
         labels, unc = cache[item["image_id"]]
         if item["box"] is None:
             return labels, unc
@@ -126,6 +133,11 @@ def run_select(params: Params, tracker: Tracker | None) -> dict[str, Any]:
     rounds = round_folders(params)
     number = rounds[-1][0] + 1 if rounds else 1
     chosen = select(params, cands, cold, seed=params.seed * 1000 + number, centres=centres)
+    pool = {it["id"]: it for it in index.get("pool", [])}
+    for c in chosen:  # what the round's files need to know of their parent image
+        parent = pool.get(c["image_id"], {})
+        c["data_bar_rows"] = int(parent.get("data_bar_rows") or 0)
+        c["pixel_size_nm"] = parent.get("pixel_size_nm")
     predict = _predictor(params, ckpt) if ckpt is not None else (lambda item: None)
     n, folder, summary = write_round(params, chosen, predict, key, revision, cold)
     log.info("round %d: %d items selected into %s", n, len(chosen), folder)

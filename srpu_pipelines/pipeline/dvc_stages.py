@@ -159,6 +159,15 @@ def dvc_stages(params: Params) -> dict[str, Any]:
         "params": ["classes", "predict", "inference", "evaluate.checkpoint", "tracking"],
         "outs": [_p(params.predict.out_dir)],
     }
+    qp = params.quantify
+    stages["microstructure"] = {
+        "cmd": "srpu -q quantify",
+        "deps": ([idx, *data_deps] if qp.source == "labels" else [_p(params.predict.out_dir)])
+        + ["srpu_pipelines/analysis/quantify.py"],
+        "params": ["classes", "mask", "quantify", "tracking"]
+        + (["predict.out_dir"] if qp.source == "predictions" else []),
+        "outs": [_p(qp.out_dir)],
+    }
     al = Path(params.active.out_dir)
     stages["uncertainty_scores"] = {
         "cmd": "srpu -q score",

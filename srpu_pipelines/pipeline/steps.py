@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -392,3 +393,52 @@ def prediction_checkpoint(params: Params, tracker: Tracker | None) -> Path:
             f"predict.source: champion: {e}; promote a model first "
             "(srpu promote) or set predict.source: checkpoint"
         ) from None
+
+
+def run_quantify(
+    params: Params,
+    tracker: Tracker | None,
+    progress: bool = True,
+    on_image: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """``srpu quantify``: measure the masks ``quantify.source`` names and write the tables
+    and plots to ``quantify.out_dir``; the headline numbers go to MLflow (a run of its own,
+    tagged with the index's data revision)."""
+    from tqdm import tqdm
+
+    from srpu_pipelines.analysis import quantify as q
+    from srpu_pipelines.data.index import load_index, select_items
+    from srpu_pipelines.data.masks import MaskCodec
+
+    qp = params.quantify
+    if qp.source == "labels":
+        index = load_index(params.data.index_path)
+        items = select_items(index, qp.splits)
+        if not items:
+            raise ValueError(f"quantify.splits {qp.splits}: no labelled images there")
+        source, total = q.from_labels(items, MaskCodec.from_params(params)), len(items)
+    else:
+        source, total = q.from_predictions(Path(params.predict.out_dir)), None
+    bar = tqdm(total=total, desc="quantify", unit="img", disable=not progress)
+    try:
+        doc = q.quantify(
+            source,
+            params.class_names,
+            [tuple(c.color) for c in params.classes],
+            qp,
+            Path(qp.out_dir),
+            on_image=lambda n: (bar.update(1), on_image and on_image(n)),
+        )
+    finally:
+        bar.close()
+    if tracker is not None:
+        tags = {"srpu.step": "quantify", "srpu.quantify.source": qp.source}
+        if qp.source == "labels":
+            tags["srpu.data_revision"] = data_revision(params.data.index_path)
+        settings = {f"quantify.{k}": v for k, v in qp.model_dump(mode="json").items()}
+        with tracker.start_run("quantify", settings, tags):
+            tracker.log_metrics(q.flat_metrics(doc))
+            out = Path(qp.out_dir)
+            for f in ["quantify.json", "per_image.csv", "particles.csv", *doc["plots"]]:
+                tracker.log_artifact(out / f, "quantify")
+    return doc

@@ -259,23 +259,34 @@ def choose_model(
     return chosen, why, {"model_steps": steps, "model_tile": tile}
 
 
+def _fingerprint(
+    index: dict[str, Any], class_names: list[str], splits: list[str], datasets: list[str] | None
+) -> dict[str, Any]:
+    items = select_items(index, splits, datasets)
+    return fingerprint(items, class_names, index.get("pixel_size_nm"))
+
+
 def plan_model(
     model: ModelParams,
     tp: TrainParams,
     class_names: list[str],
     index: dict[str, Any],
     save: bool = True,
+    fp: dict[str, Any] | None = None,
+    dev: Device | None = None,
 ) -> tuple[ModelParams, dict[str, Any] | None]:
     """``model`` with its ``auto`` sizes chosen from the top-level train section ``tp``
     (one model for every stage and the MAE encoder that initialises them); (model, None)
     when nothing is auto. The choice is kept in ``tp.out_dir/model_plan.json`` and reused
     while its inputs match, so a stage, a resumed run and the MAE step agree even where the
-    measured CPU clock moves between them."""
+    measured CPU clock moves between them. ``fp`` and ``dev``, when the caller has them,
+    must be the fingerprint of ``tp``'s splits and datasets and ``tp``'s device."""
     if not model.is_auto:
         return model, None
-    items = select_items(index, tp.splits, tp.datasets)
-    fp = fingerprint(items, class_names, index.get("pixel_size_nm"))
-    dev = Device.of(tp.device, tp.precision)
+    if fp is None:
+        fp = _fingerprint(index, class_names, tp.splits, tp.datasets)
+    if dev is None:
+        dev = Device.of(tp.device, tp.precision)
     budget = {k: getattr(tp, k) for k in ("budget_s", "total_steps", "tile_size", "batch_size")}
     inputs = {
         "fingerprint": fp["mask_sha256"],
@@ -504,20 +515,28 @@ def plan_stage(
     ``saved`` (a run's ``plan.json``) is taken as it is when it was made from the same
     inputs (fingerprint, settings, model, validation pixels, device): a rerun or a resumed
     run keeps its plan even where the measured clock of the CPU moves between calls."""
-    mplan = None
-    if setup.model.is_auto:
-        mp, mplan = plan_model(
-            setup.model, setup.model_train or setup.train, setup.class_names, index, save
-        )
-        setup = setup.model_copy(update={"model": mp})
-    if not planned_keys(setup) and mplan is None:
+    if not planned_keys(setup) and not setup.model.is_auto:
         return setup, None
     tp = setup.train
-    items = select_items(index, tp.splits, tp.datasets)
-    fp = fingerprint(items, setup.class_names, index.get("pixel_size_nm"))
+    fp = _fingerprint(index, setup.class_names, tp.splits, tp.datasets)
+    dev = Device.of(tp.device, tp.precision)
+    mplan = None
+    if setup.model.is_auto:
+        mtp = setup.model_train or tp
+        same_data = (mtp.splits, mtp.datasets) == (tp.splits, tp.datasets)
+        same_dev = (mtp.device, mtp.precision) == (tp.device, tp.precision)
+        mp, mplan = plan_model(
+            setup.model,
+            mtp,
+            setup.class_names,
+            index,
+            save,
+            fp=fp if same_data else None,
+            dev=dev if same_dev else None,
+        )
+        setup = setup.model_copy(update={"model": mp})
     val = select_items(index, [tp.val_split], tp.datasets)
     val_px = sum(it["height"] * it["width"] for it in val)
-    dev = Device.of(tp.device, tp.precision)
     inputs = {
         "fingerprint": fp["mask_sha256"],
         "setup": setup.model_dump(mode="json"),

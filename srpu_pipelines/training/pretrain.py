@@ -23,7 +23,7 @@ from torch import nn
 from srpu_pipelines.compute.device import module_device
 from srpu_pipelines.config import PretrainParams, PretrainSetup
 from srpu_pipelines.data.index import image_hashes
-from srpu_pipelines.data.pool import UnlabeledTiles, load_standardized, unlabeled_paths
+from srpu_pipelines.data.pool import UnlabeledTiles, bar_rows, load_standardized, unlabeled_paths
 from srpu_pipelines.io.files import atomic_write_bytes, atomic_write_json
 from srpu_pipelines.models.checkpoint import model_config, save_checkpoint
 from srpu_pipelines.models.factory import model_from_params
@@ -75,7 +75,12 @@ def _to_u8(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 @torch.no_grad()
 def reconstruction_grid(
-    mae: torch.nn.Module, paths: list[str], pp: PretrainParams, n: int, seed: int
+    mae: torch.nn.Module,
+    paths: list[str],
+    pp: PretrainParams,
+    n: int,
+    seed: int,
+    bars: dict[str, int] | None = None,
 ) -> bytes | None:
     """PNG bytes: one row per image (centre crop), columns input | masked | reconstruction.
 
@@ -90,7 +95,7 @@ def reconstruction_grid(
     g = torch.Generator().manual_seed(seed)
     mae.eval()
     for path in paths[:n]:
-        img = load_standardized(path)
+        img = load_standardized(path, (bars or {}).get(path, 0))
         t = min(pp.tile_size * 2, (min(img.shape) // pp.patch_size) * pp.patch_size)
         if t < pp.patch_size * 2:
             continue
@@ -145,6 +150,7 @@ class MaeTask(Task):
         self.setup, self.pp, self.out = setup, pp, Path(pp.out_dir)
         self.method = resolve_method(pp.method, setup.model.encoder)
         self.paths = unlabeled_paths(index, pp.use_pool, pp.splits)
+        self.bars = bar_rows(index)
         if not self.paths:
             raise ValueError(
                 "pretrain: no images to pretrain on (pretrain.use_pool and pretrain.splits "
@@ -182,7 +188,11 @@ class MaeTask(Task):
     def on_train_start(self, loop: Loop) -> None:
         pp = self.pp
         tiles = UnlabeledTiles(
-            self.paths, pp.tile_size, pp.steps_per_epoch * pp.batch_size, self.seed
+            self.paths,
+            pp.tile_size,
+            pp.steps_per_epoch * pp.batch_size,
+            self.seed,
+            bars=self.bars,
         )
         self.loader = loop.loader(MaskedTiles(tiles, pp.patch_size, pp.mask_ratio), pp.batch_size)
 
@@ -213,7 +223,9 @@ class MaeTask(Task):
 
     def on_train_end(self, loop: Loop, result: RunResult) -> None:
         pp = self.pp
-        png = reconstruction_grid(loop.model, self.paths, pp, pp.reconstructions, self.seed)
+        png = reconstruction_grid(
+            loop.model, self.paths, pp, pp.reconstructions, self.seed, self.bars
+        )
         if png is not None:
             atomic_write_bytes(result.reconstructions, png)
         atomic_write_json(self.out / "pretrain_metrics.json", pretrain_summary(result))

@@ -29,7 +29,7 @@ from srpu_pipelines.config import StageSetup
 from srpu_pipelines.data.dataset import Sample, TileSampler, load_samples
 from srpu_pipelines.data.index import image_hashes, select_items
 from srpu_pipelines.data.masks import MaskCodec
-from srpu_pipelines.data.pool import UnlabeledTiles, unlabeled_paths
+from srpu_pipelines.data.pool import UnlabeledTiles, bar_rows, unlabeled_paths
 from srpu_pipelines.io.files import atomic_write_json, read_json, sha256_file
 from srpu_pipelines.models.checkpoint import model_config, read_checkpoint, save_checkpoint
 from srpu_pipelines.models.factory import is_vit_encoder, load_weights, model_from_params
@@ -224,6 +224,7 @@ class StageTask(Task):
                 tp.steps_per_epoch * ub,
                 self.seed + 1,
                 f" (train.semi.include_labeled_splits {sp.include_labeled_splits})",
+                bars=bar_rows(self.index),
             )
             pairs = WeakStrongPairs(unl, sp.strength, sp.cutout)
             self.loaders.append(loop.loader(pairs, ub, "train.semi.batch_size"))
