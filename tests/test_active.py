@@ -314,9 +314,16 @@ def test_round_folder_exclusions_and_returning_masks(al_params):
     shutil.copy(first["mask_file"], labeled / Path(first["mask_file"]).name)
     pairs, changed, problems = new_labels(p, index)
     assert [x.id for x in pairs] == [first["id"]] and changed == [] and problems == []
+    before = {it["id"]: it["split"] for it in load_index(p.data.index_path)["items"]}
     run_index(p, progress=False)
     index = load_index(p.data.index_path)
     assert first["id"] in {it["id"] for it in index["items"]}
+    # the corrected pick trains; val and test are the same images as before the round
+    after = {it["id"]: it["split"] for it in index["items"]}
+    assert after[first["id"]] == "train"
+    assert {k for k, v in after.items() if v != "train"} == {
+        k for k, v in before.items() if v != "train"
+    }
     assert first["id"] not in {it["id"] for it in index["pool"]}
     r2 = run_select(p, None)  # new labels: a new round, without anything picked before
     assert r2["new"] and r2["round"] == 2

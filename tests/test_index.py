@@ -87,8 +87,48 @@ def test_adding_images_never_moves_old_ones(tmp_path):
     old = {i["id"]: i["split"] for i in first["items"]}
     new = {i["id"]: i["split"] for i in second["items"]}
     assert all(new[k] == v for k, v in old.items())
-    counts = {s: sum(1 for v in new.values() if v == s) for s in ("train", "val", "test")}
-    assert counts["val"] >= 4 and counts["test"] >= 4  # new images fill the short splits
+    # val and test exist: they are fixed, every new image of the sub-dataset trains
+    assert {v for k, v in new.items() if k not in old} == {"train"}
+    assert {k for k, v in new.items() if v != "train"} == {
+        k for k, v in old.items() if v != "train"
+    }
+
+
+def test_a_new_sub_dataset_gets_its_val_and_test_when_it_appears(tmp_path):
+    p = params_for(tmp_path)
+    for i in range(10):
+        make_pair(tmp_path / "lab", f"img{i:02d}")
+    write_index(build_index(p, show_progress=False), p.data.index_path)
+    (tmp_path / "lab_b").mkdir()
+    for i in range(10):
+        make_pair(tmp_path / "lab_b", f"b{i:02d}")
+    q = p.model_copy(deep=True)
+    q.data.datasets = [
+        *p.data.datasets,
+        p.data.datasets[0].model_copy(
+            update={"name": "b", "labeled": tmp_path / "lab_b", "raw": None}
+        ),
+    ]
+    idx = build_index(q, show_progress=False)
+    got = {s for it in idx["items"] if it["dataset"] == "b" for s in [it["split"]]}
+    assert got == {"train", "val", "test"}
+    # a dataset whose first images were too few for val and test gets them later
+    write_index(idx, q.data.index_path)
+    (tmp_path / "lab_c").mkdir()
+    make_pair(tmp_path / "lab_c", "c00")
+    r = q.model_copy(deep=True)
+    r.data.datasets = [
+        *q.data.datasets,
+        p.data.datasets[0].model_copy(
+            update={"name": "c", "labeled": tmp_path / "lab_c", "raw": None}
+        ),
+    ]
+    first = build_index(r, show_progress=False)
+    write_index(first, r.data.index_path)
+    for i in range(1, 8):
+        make_pair(tmp_path / "lab_c", f"c{i:02d}")
+    later = build_index(r, show_progress=False)
+    assert {it["split"] for it in later["items"] if it["dataset"] == "c"} >= {"val", "test"}
 
 
 def test_split_is_fixed_by_seed(tmp_path):

@@ -193,6 +193,14 @@ def assign_splits(
             out[it["id"]] = explicit.get(it["id"], explicit.get(key_name))
         elif previous and it["id"] in previous:
             out[it["id"]] = previous[it["id"]]
+    held = [sp_ for sp_ in SPLITS if sp_ != "train" and fractions[sp_] > 0]
+    seen: dict[str, set[str]] = {}
+    for item_id, split in (previous or {}).items():
+        seen.setdefault(item_id.split("/", 1)[0], set()).add(split)
+    closed = {d for d, got in seen.items() if all(h in got for h in held)}
+    for it in items:
+        if it["id"] not in out and it["dataset"] in closed:
+            out[it["id"]] = "train"
     sizes = Counter(stratum(it) for it in items)
     counts: dict[tuple, Counter] = {s: Counter() for s in sizes}
     overall: Counter = Counter()
