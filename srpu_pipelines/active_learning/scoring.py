@@ -34,8 +34,8 @@ from srpu_pipelines.analysis.evaluate import inference_runtime
 from srpu_pipelines.analysis.inference import iter_prob_bands
 from srpu_pipelines.compute.device import Runtime
 from srpu_pipelines.config import Params
-from srpu_pipelines.data.dataset import standardize, stretch
-from srpu_pipelines.data.imageio import ImageReadError, read_grey
+from srpu_pipelines.data.dataset import read_sample, standardize
+from srpu_pipelines.data.imageio import ImageReadError
 from srpu_pipelines.io.files import atomic_write_json, atomic_write_with, read_json
 
 log = logging.getLogger(__name__)
@@ -228,9 +228,8 @@ def score_image(
     """Score one pool image: (record, embeddings (n_tiles, D)). Only the sample above its
     data bar is scored and tiled: the bar can never be picked."""
     a = params.active
-    grey = read_grey(item["image"])
     bar = int(item.get("data_bar_rows") or 0)
-    image01 = stretch(grey[: grey.shape[0] - bar])
+    image01 = read_sample(item["image"], bar)
     h, w = image01.shape
     tiles = tile_grid(h, w, a.tile_size)
     record: dict[str, Any] = {

@@ -16,13 +16,13 @@ from srpu_pipelines.analysis.inference import predict_labels
 from srpu_pipelines.analysis.metrics import ConfusionAccumulator
 from srpu_pipelines.analysis.scalebar import draw_scale_bar
 from srpu_pipelines.compute.device import Runtime, prepare_module, resolve_runtime
-from srpu_pipelines.config import IGNORE_INDEX, InferenceParams, Params
+from srpu_pipelines.config import InferenceParams, Params
 from srpu_pipelines.data.calibration import calibrate
 from srpu_pipelines.data.dataset import load_samples, standardize, stretch
 from srpu_pipelines.data.discovery import SIDECARS
 from srpu_pipelines.data.imageio import ImageReadError, is_image_file, read_grey
 from srpu_pipelines.data.index import select_items
-from srpu_pipelines.data.masks import MaskCodec
+from srpu_pipelines.data.masks import MaskCodec, with_bar
 from srpu_pipelines.io.files import atomic_write_json, atomic_write_with
 from srpu_pipelines.models.checkpoint import load_model
 
@@ -95,15 +95,6 @@ def overlay_figure(
     gap = np.full((grey.shape[0], 6, 3), 255, np.uint8)
     panels = [first] + ([gap, blend(truth_rgb)] if truth_rgb is not None else [])
     return np.concatenate([*panels, gap, blend(pred_rgb)], axis=1)
-
-
-def with_bar_rows(sample_pred: np.ndarray, bar_rows: int) -> np.ndarray:
-    """A prediction of the sample above the data bar, extended over the bar as 'not sample'
-    (``IGNORE_INDEX``): a mask of the whole file."""
-    if not bar_rows:
-        return sample_pred
-    pad = np.full((bar_rows, sample_pred.shape[1]), IGNORE_INDEX, sample_pred.dtype)
-    return np.vstack([sample_pred, pad])
 
 
 def save_label_files(out: Path, stem: str, pred: np.ndarray, codec: MaskCodec) -> None:
@@ -186,8 +177,8 @@ def evaluate_checkpoint(
             bar = s.bar_rows
             fig = overlay_figure(
                 np.vstack([s.image, stretch(full[full.shape[0] - bar :])]) if bar else s.image,
-                codec.to_color(with_bar_rows(s.mask, bar)),
-                codec.to_color(with_bar_rows(pred, bar)),
+                codec.to_color(with_bar(s.mask, s.mask.shape[0] + bar, bar)),
+                codec.to_color(with_bar(pred, pred.shape[0] + bar, bar)),
                 bar_rows=bar,
                 pixel_size_nm=item.get("pixel_size_nm"),
             )
@@ -263,7 +254,7 @@ def predict_folder(
             )
             warned = True
         sample = img[: img.shape[0] - bar]
-        pred = with_bar_rows(_predict(model, cfg, sample, params), bar)
+        pred = with_bar(_predict(model, cfg, sample, params), img.shape[0], bar)
         save_label_files(out, p.stem, pred, codec)
         fig = overlay_figure(
             stretch(img),

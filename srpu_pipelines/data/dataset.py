@@ -31,6 +31,13 @@ def stretch(img: np.ndarray) -> np.ndarray:
     return (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
 
 
+def read_sample(path: str | Path, bar_rows: int = 0) -> np.ndarray:
+    """The image above its data bar (``bar_rows`` rows), min-max stretched: what training,
+    scoring, pretraining and prediction see of a file."""
+    img = read_grey(Path(path))
+    return stretch(img[: img.shape[0] - bar_rows] if bar_rows else img)
+
+
 def standardize(img: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     """(H, W) float -> float32 with zero mean and unit variance over the image."""
     img = img.astype(np.float32)

@@ -11,14 +11,12 @@ segmentation model sees images at training and inference time.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from srpu_pipelines.data.dataset import stretch
-from srpu_pipelines.data.imageio import read_grey
+from srpu_pipelines.data.dataset import read_sample
 
 
 def unlabeled_paths(
@@ -52,8 +50,7 @@ def bar_rows(index: dict[str, Any]) -> dict[str, int]:
 
 @functools.lru_cache(maxsize=64)
 def _load(path: str, bar: int = 0) -> tuple[np.ndarray, float, float]:
-    img = read_grey(Path(path))
-    img = stretch(img[: img.shape[0] - bar] if bar else img)
+    img = read_sample(path, bar)
     return img.astype(np.float32), float(img.mean()), max(float(img.std()), 1e-6)
 
 

@@ -68,8 +68,8 @@ def _predictor(params: Params, checkpoint: Path):
     from srpu_pipelines.active_learning.scoring import ensemble_probs
     from srpu_pipelines.active_learning.uncertainty import entropy_map
     from srpu_pipelines.analysis.evaluate import load_checked
-    from srpu_pipelines.data.dataset import standardize, stretch
-    from srpu_pipelines.data.imageio import read_grey
+    from srpu_pipelines.data.dataset import read_sample, standardize
+    from srpu_pipelines.data.masks import with_bar
 
     model, cfg = load_checked(params, checkpoint)
     cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -77,15 +77,13 @@ def _predictor(params: Params, checkpoint: Path):
     def predict(item: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         if item["image_id"] not in cache:
             cache.clear()
-            grey = read_grey(item["image"])
             bar = int(item.get("data_bar_rows") or 0)
-            img = standardize(stretch(grey[: grey.shape[0] - bar]))  # the sample only
+            img = standardize(read_sample(item["image"], bar))  # the sample only
             probs, _ = ensemble_probs(model, img, params, cfg["in_channels"])
-            labels = probs.argmax(0).astype(np.uint8)
+            h = img.shape[0] + bar
+            labels = with_bar(probs.argmax(0).astype(np.uint8), h, bar)  # bar: not sample
             unc = entropy_map(probs)
-            if bar:  # the bar: 'not sample' in the mask to correct, certain
-                labels = np.vstack([labels, np.full((bar, labels.shape[1]), 255, np.uint8)])
-                unc = np.vstack([unc, np.zeros((bar, unc.shape[1]), unc.dtype)])
+            unc = np.vstack([unc, np.zeros((bar, unc.shape[1]), unc.dtype)])  # bar: certain
             cache[item["image_id"]] = (labels, unc)
         labels, unc = cache[item["image_id"]]
         if item["box"] is None:
