@@ -405,6 +405,8 @@ def cmd_bench(params: Params, args: argparse.Namespace) -> int:
             budget_s=args.budget_s,
             work_dir=Path(args.work_dir),
             arms=tuple(args.arms),
+            max_tiles=args.max_tiles,
+            seed_list=args.seed_list,
             progress=not args.quiet,
         )
         if args.plot:
@@ -663,19 +665,37 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--peer", default="../shared/bench/peer_baseline.py", help="the peer loop")
     b.add_argument("--work-dir", default="outputs/bench/speed", help="where runs are written")
     b.set_defaults(func=cmd_bench)
-    from srpu_pipelines.active_learning import AL_ARMS
+    from srpu_pipelines.active_learning import AL_ARMS, DEFAULT_AL_ARMS
 
     b = bsub.add_parser(
         "al",
         help="simulated active learning with an oracle: learning curves per strategy",
     )
     b.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
-    b.add_argument("--rounds", type=int, default=5, help="selection rounds after the start")
-    b.add_argument("--per-round", type=int, default=4, help="tiles labelled per round")
-    b.add_argument("--initial", type=int, default=4, help="random tiles labelled at the start")
+    b.add_argument(
+        "--seed",
+        type=int,
+        action="append",
+        dest="seed_list",
+        help="run only this seed (repeatable): one command per seed keeps each short",
+    )
+    b.add_argument("--rounds", type=int, default=10, help="selection rounds after the start")
+    b.add_argument("--per-round", type=int, default=2, help="tiles labelled per round")
+    b.add_argument(
+        "--initial", type=int, default=2, help="tiles each strategy picks from zero labels"
+    )
     b.add_argument("--steps", type=int, default=60, help="training steps per round")
     b.add_argument("--budget-s", type=float, help="also a wall-clock cap per round")
-    b.add_argument("--arms", nargs="+", default=list(AL_ARMS), choices=AL_ARMS)
+    b.add_argument(
+        "--max-tiles", type=int, default=256, help="cap on the tile pool (a fixed sample)"
+    )
+    b.add_argument(
+        "--arms",
+        nargs="+",
+        default=list(DEFAULT_AL_ARMS),
+        choices=AL_ARMS,
+        help="registered selection strategies to compare",
+    )
     b.add_argument("--plot", help="write the learning curves as a PNG here")
     b.add_argument("--work-dir", default="outputs/bench/al", help="where runs are written")
     b.set_defaults(func=cmd_bench)

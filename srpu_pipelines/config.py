@@ -23,6 +23,18 @@ IGNORE_INDEX = 255  # class-index value for pixels that are not labelled (info b
 # themselves are registered in active_learning/uncertainty.py (a test checks both agree)
 PIXEL_UNCERTAINTIES = ("entropy", "least_confidence", "margin", "variance")
 UNCERTAINTY_STRATEGIES = PIXEL_UNCERTAINTIES + tuple(f"boundary_{k}" for k in PIXEL_UNCERTAINTIES)
+# selection strategies, registered in active_learning/strategies.py (checked at its import)
+SELECTION_STRATEGIES = (
+    "random",
+    *UNCERTAINTY_STRATEGIES,
+    "weighted",
+    "coreset",
+    "kmeans",
+    "cold_start",
+    "typiclust",
+    "probcover",
+    "auto",
+)
 
 
 class ParamsError(ValueError):
@@ -558,6 +570,25 @@ class ActiveParams(_Strict):
     )
     tile_size: int = Field(default=256, ge=32, description="side of a selection tile in px")
     batch_size: int = Field(default=4, ge=1, description="items selected per round")
+    strategy: str = Field(
+        default="weighted",
+        description="the registered selection strategy (active_learning/strategies.py): "
+        "random, one uncertainty score, weighted, coreset, kmeans, cold_start, typiclust, "
+        "probcover, auto",
+    )
+    auto_uncertainty_after: int = Field(
+        default=8,
+        ge=0,
+        description="strategy auto: typical picks (typiclust) until this many items are "
+        "labelled and every class is in a label, then weighted uncertainty",
+    )
+    typical_neighbours: int = Field(
+        default=20, ge=1, description="typiclust: neighbours in the typicality"
+    )
+    typiclust_max_clusters: int = Field(default=500, ge=2, description="typiclust: cluster cap")
+    probcover_purity: float = Field(
+        default=0.95, gt=0, le=1, description="probcover: share of pure balls that sets delta"
+    )
     strategies: list[str] = Field(
         default_factory=lambda: [
             "entropy",
@@ -608,6 +639,23 @@ class ActiveParams(_Strict):
     )
     stop_patience: int = Field(default=2, ge=1, description="... for this many rounds in a row")
 
+    @property
+    def scores_labeled(self) -> bool:
+        """Whether selection measures distances to what is labelled, so labelled images
+        are scored too (for their embeddings)."""
+        if self.strategy in ("coreset", "typiclust", "probcover", "auto"):
+            return True
+        return self.strategy == "weighted" and self.diversity == "coreset"
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, v: str) -> str:
+        if v not in SELECTION_STRATEGIES:
+            raise ValueError(
+                f"unknown selection strategy {v!r}; valid: {', '.join(SELECTION_STRATEGIES)}"
+            )
+        return v
+
     @field_validator("strategies")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
@@ -629,6 +677,11 @@ class ActiveParams(_Strict):
             )
         if any(w < 0 for w in self.weights.values()):
             raise ValueError("weights must be >= 0")
+        if self.strategy in UNCERTAINTY_STRATEGIES and self.strategy not in self.strategies:
+            raise ValueError(
+                f"strategy {self.strategy!r} is a score that is not computed; add it to "
+                f"active.strategies ({self.strategies})"
+            )
         variance = [s for s in self.strategies if s.endswith("variance")]
         if variance and (self.ensemble.method == "none" or self.ensemble.members < 2):
             raise ValueError(

@@ -113,13 +113,14 @@ def test_tile_grid_covers_odd_sizes_without_overlap():
     ]
 
 
-def test_benchmark_arms_are_known_strategies():
-    # AL_ARMS is spelled out so that the CLI lists it without importing torch
-    from srpu_pipelines.active_learning import AL_ARMS
+def test_benchmark_arms_are_the_registered_strategies():
+    # AL_ARMS is spelled out in config so that the CLI lists it without importing torch
+    from srpu_pipelines.active_learning import AL_ARMS, DEFAULT_AL_ARMS
+    from srpu_pipelines.active_learning.strategies import REGISTRY
 
-    special = {"random", "coreset", "default"}
-    assert set(AL_ARMS) - special <= set(U.STRATEGIES)
-    assert special <= set(AL_ARMS) and len(set(AL_ARMS)) == len(AL_ARMS)
+    assert tuple(REGISTRY) == AL_ARMS
+    assert set(U.STRATEGIES) <= set(AL_ARMS)  # one arm per uncertainty score
+    assert set(DEFAULT_AL_ARMS) <= set(AL_ARMS) and len(DEFAULT_AL_ARMS) <= 6
 
 
 def test_unknown_strategy_and_weights_errors_name_the_key(tmp_path):
@@ -158,11 +159,105 @@ def test_rank_normalise_and_weighted_combination():
         _cand(1, {"entropy": 0.5, "margin": 0.5}, [0, 1]),
         _cand(2, {"entropy": 0.1, "margin": 0.9}, [1, 0]),
     ]
-    assert combined_scores(cands, {"entropy": 1.0}) == pytest.approx([1.0, 0.5, 0.0])
-    assert combined_scores(cands, {"entropy": 1.0, "margin": 3.0}) == pytest.approx(
+    sc = {s: np.array([c.scores[s] for c in cands]) for s in ("entropy", "margin")}
+    assert combined_scores(sc, {"entropy": 1.0}, 3) == pytest.approx([1.0, 0.5, 0.0])
+    assert combined_scores(sc, {"entropy": 1.0, "margin": 3.0}, 3) == pytest.approx(
         [0.25, 0.5, 0.75]
     )
-    assert not combined_scores(cands, {}).any()
+    assert not combined_scores(sc, {}, 3).any()
+
+
+def _blobs(sizes, centres, spread=0.05, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.concatenate(
+        [
+            np.asarray(c, float) + rng.normal(0, spread, (n, len(c)))
+            for n, c in zip(sizes, centres, strict=True)
+        ]
+    )
+
+
+def _pool(emb, k, centres=None, scores=None, labeled=0, missing=(), **active):
+    from srpu_pipelines.active_learning.strategies import LabelState, Pool
+    from srpu_pipelines.config import ActiveParams
+
+    return Pool(
+        ids=[f"t{i:03d}" for i in range(len(emb))],
+        scores=scores or {},
+        emb=emb,
+        centres=np.zeros((0, emb.shape[1])) if centres is None else centres,
+        k=k,
+        seed=0,
+        state=LabelState(labeled, tuple(missing)),
+        active=ActiveParams(**active),
+    )
+
+
+def test_registry_looks_strategies_up_and_names_the_valid_ones(tmp_path):
+    from srpu_pipelines.active_learning.strategies import REGISTRY, get_strategy
+
+    assert get_strategy("typiclust").name == "typiclust"
+    with pytest.raises(KeyError, match="unknown selection strategy 'typical'.*typiclust"):
+        get_strategy("typical")
+    with pytest.raises(ValueError, match="active.strategy.*valid: random"):
+        parse_params(tiny_params_dict(tmp_path, **{"active.strategy": "typical"}))
+    with pytest.raises(ValueError, match="active.*score that is not computed"):
+        parse_params(
+            tiny_params_dict(
+                tmp_path,
+                **{
+                    "active.strategy": "margin",
+                    "active.strategies": ["entropy"],
+                    "active.weights": {"entropy": 1.0},
+                },
+            )
+        )
+    assert all(cls.description for cls in REGISTRY.values())
+
+
+def test_typiclust_takes_typical_points_of_the_largest_uncovered_clusters():
+    from srpu_pipelines.active_learning.strategies import get_strategy
+
+    # a big cluster, a middle one, a small one; nothing labelled
+    emb = _blobs([30, 15, 6], [[0, 0], [5, 0], [0, 5]])
+    rows = get_strategy("typiclust")(_pool(emb, 2)).rows
+    assert sorted(r // 30 if r < 30 else 1 + (r >= 45) for r in rows) == [0, 1]
+    # the pick in the big cluster is a dense one: near its centre, not an outlier
+    big = [r for r in rows if r < 30][0]
+    assert np.linalg.norm(emb[big] - emb[:30].mean(0)) < 0.08
+    # the big cluster is labelled already: the next pick covers another one
+    rows = get_strategy("typiclust")(_pool(emb, 1, centres=emb[:1].copy())).rows
+    assert rows[0] >= 30
+
+
+def test_probcover_covers_each_cluster_once_then_elsewhere():
+    from srpu_pipelines.active_learning.strategies import get_strategy, purity_radius
+
+    emb = _blobs([20, 20, 20], [[0, 0], [4, 0], [0, 4]])
+    delta = purity_radius(emb, 0, 0.95)
+    assert 0.05 < delta < 3.9  # balls inside a cluster (they are 4 apart), not across
+    rows = get_strategy("probcover")(_pool(emb, 3)).rows
+    assert sorted(r // 20 for r in rows) == [0, 1, 2]
+    rows = get_strategy("probcover")(_pool(emb, 2, centres=emb[:2].copy())).rows
+    assert 0 not in [r // 20 for r in rows]  # cluster 0 is covered by the labels
+
+
+def test_auto_is_typical_first_then_uncertain():
+    from srpu_pipelines.active_learning.strategies import get_strategy
+
+    emb = _blobs([10, 10], [[0, 0], [3, 0]])
+    ent = np.linspace(0, 1, 20)  # the last rows (cluster 1) most uncertain
+    scores = {"entropy": ent, "boundary_margin": ent, "variance": ent}
+    kw = dict(scores=scores, auto_uncertainty_after=4, diversity="none")
+    early = get_strategy("auto")(_pool(emb, 2, labeled=2, **kw))
+    assert "typiclust" in early.how.lower() and sorted(r // 10 for r in early.rows) == [0, 1]
+    unseen = get_strategy("auto")(_pool(emb, 2, labeled=9, missing=(2,), **kw))
+    assert "classes [2]" in unseen.how
+    late = get_strategy("auto")(_pool(emb, 2, labeled=9, **kw))
+    assert late.rows == [19, 18] and "uncertain" not in late.how.lower()
+    # a score strategy without scores (no model yet) falls back to the cold start
+    cold = get_strategy("entropy")(_pool(emb, 2))
+    assert "cold start" in cold.how and sorted(r // 10 for r in cold.rows) == [0, 1]
 
 
 def test_coreset_spreads_over_clusters():
@@ -425,3 +520,31 @@ def test_stop_after_max_rounds_or_small_gains(tiny_params):
     p.active.max_rounds = 10
     why = stop_reason(p, [first, rnd(0.5, 0.6), rnd(0.6, 0.605), rnd(0.605, 0.605)])
     assert why and "stop_min_gain" in why and "[0.005, 0.0]" in why
+
+
+def test_a_round_of_an_index_encoded_set_hands_over_index_masks_that_re_index(tmp_path):
+    """nasa-ebc's masks are index PNGs: the mask a round hands over must be one too, or the
+    corrected file is refused when it comes back."""
+    from srpu_pipelines.data.demo import generate_demo
+    from srpu_pipelines.data.index import load_index
+
+    colour = parse_params(tiny_params_dict(tmp_path, **{"demo.pool_per_dataset": 3}))
+    generate_demo(colour)
+    p = parse_params(
+        tiny_params_dict(tmp_path, **{"demo.pool_per_dataset": 3, "mask.encoding": "index"})
+    )
+    src, dst = MaskCodec.from_params(colour), MaskCodec.from_params(p)
+    for m in sorted((tmp_path / "demo/labeled").rglob(f"*{p.mask.suffix}.png")):
+        dst.save_png(m, src.decode_file(m))  # the demo set, re-encoded as index masks
+    run_index(p, progress=False)
+    _random_champion(p)
+    run_score(p, None, progress=False)
+    first = run_select(p, None)["summary"]["selected"][0]
+    mask = Path(first["mask_file"])
+    assert mask.is_file() and dst.decode_file(mask).shape == (64, 64)
+    labeled = Path(next(d.labeled for d in p.data.datasets if d.name == first["dataset"]))
+    shutil.copy(first["image_file"], labeled / Path(first["image_file"]).name)
+    shutil.copy(mask, labeled / mask.name)
+    run_index(p, progress=False)
+    index = load_index(p.data.index_path)
+    assert first["id"] in {it["id"] for it in index["items"] if it["split"] == "train"}

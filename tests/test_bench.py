@@ -63,7 +63,7 @@ def test_bench_al_curves_auc_and_plot(demo_params, tmp_path):
         steps=1,
         budget_s=None,
         work_dir=tmp_path / "al",
-        arms=("random", "entropy", "coreset", "default"),
+        arms=("random", "entropy", "typiclust", "auto"),
         progress=False,
     )
     res = bench_al(demo_params, **kw)
@@ -72,20 +72,26 @@ def test_bench_al_curves_auc_and_plot(demo_params, tmp_path):
     stamp = curve.stat().st_mtime_ns
     assert bench_al(demo_params, **kw)["arms"] == res["arms"]
     assert curve.stat().st_mtime_ns == stamp
-    assert set(res["arms"]) == {"random", "entropy", "coreset", "default"}
+    assert set(res["arms"]) == {"random", "entropy", "typiclust", "auto"}
+    assert res["default_strategy"] == demo_params.active.strategy
     for row in res["arms"].values():
         assert row["labeled"] == [2, 3, 4] and len(row["curve_mean"]) == 3
         assert 0.0 <= row["auc"]["mean"] <= 1.0
     assert len(res["arms"]["entropy"]["paired_auc_gain_vs_random"]) == 1
-    # no arm labels the same tile twice: each round adds one
+    # every arm picks its own start from zero labels; no arm labels a tile twice
     tile_ids = {t["id"] for t in tiles}
+    starts = {}
     for r in res["runs"]:
         assert [c["labeled"] for c in r["curve"]] == [2, 3, 4]
-        picked = [i for c in r["curve"][1:] for i in c["picked"]]
-        assert len(picked) == len(set(picked)) == 2 and set(picked) <= tile_ids
-    # only the shared start model is kept: a real run would leave GBs of round weights
-    pts = sorted(p.relative_to(tmp_path / "al").as_posix() for p in (tmp_path / "al").rglob("*.pt"))
-    assert pts == ["seed0/r0/best.pt"]
+        picked = [i for c in r["curve"] for i in c["picked"]]
+        assert len(picked) == len(set(picked)) == 4 and set(picked) <= tile_ids
+        starts[r["arm"]] = tuple(r["curve"][0]["picked"])
+    # the cold start: entropy has no model yet and falls back to it; typiclust picks
+    # typical tiles of its own; both are deterministic
+    again = bench_al(demo_params, **{**kw, "work_dir": tmp_path / "al2", "arms": ("entropy",)})
+    assert tuple(again["runs"][0]["curve"][0]["picked"]) == starts["entropy"]
+    # no round weights are left behind: a real run would leave GBs of them
+    assert not list((tmp_path / "al").rglob("*.pt"))
     plot_curves(res, tmp_path / "al.png")
     with pytest.raises(ValueError, match="--rounds must be >= 1"):
         bench_al(demo_params, **{**kw, "rounds": 0})

@@ -135,3 +135,35 @@ def test_a_colour_near_two_classes_is_an_error(tmp_path):
         MaskDecodeError, match=r"two_mask\.png: colour \(30, 30, 30\).*color_tolerance"
     ):
         c.decode_file(save(tmp_path / "two_mask.png", rgb))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(encoding="color", ignore_color=(255, 255, 255)),
+        dict(encoding="index"),
+        dict(encoding="grey", grey_levels=(0, 128, 255)),
+    ],
+    ids=["color", "index", "grey"],
+)
+def test_encode_image_round_trips_in_each_encoding(tmp_path, kw):
+    """A mask SRPU writes (a round's predicted mask) reads back with the same codec: a
+    colour PNG handed to an index-encoded set (nasa-ebc) would be refused on re-index."""
+    c = codec(**kw)
+    path = tmp_path / "round_mask.png"
+    c.save_png(path, IDX)
+    assert np.array_equal(c.decode_file(path), IDX)
+    assert not list(tmp_path.glob("*.tmp*"))  # written atomically, no temp left
+    withbar = np.vstack([IDX, np.full((1, 4), IGNORE_INDEX, np.uint8)])
+    c.save_png(path, withbar)
+    back = c.decode_file(path)
+    if kw["encoding"] == "grey":  # grey cannot say "unlabelled": class 0's level, and
+        assert back[-1].tolist() == [0, 0, 0, 0]  # with_bar makes the bar unlabelled again
+    else:
+        assert np.array_equal(back, withbar)
+
+
+def test_indexed_image_keeps_values_and_shows_colours():
+    im = codec().indexed_image(IDX)
+    assert im.mode == "P" and np.array_equal(np.asarray(im), IDX)
+    assert tuple(im.convert("RGB").getpixel((1, 0))) == tuple(COLORS[1])

@@ -158,8 +158,9 @@ def write_round(
         if pred is not None:
             labels, unc = pred
             mask = d / f"{item['name']}{params.mask.suffix}.png"
-            _save_png(mask, codec.to_color(labels))
-            _save_png(d / "predicted" / mask.name, codec.to_color(labels))
+            # in the data set's own mask encoding, so that the corrected file indexes
+            codec.save_png(mask, labels)
+            codec.save_png(d / "predicted" / mask.name, labels)
             _save_png(d / f"{item['name']}_uncertainty.png", heat_map(unc))
             counts = np.bincount(labels.ravel(), minlength=256)[: codec.num_classes]
             fractions = counts / max(int(counts.sum()), 1)  # of the sample: the bar is none

@@ -274,8 +274,9 @@ def score_pool(
 ) -> dict[str, Any]:
     """Score every pool image whose stored record is stale (another model, image content or
     settings) or missing; keep the rest. ``checkpoint`` None scores for a cold start.
-    With ``active.diversity: coreset``, labelled images are scored too: their embeddings
-    tell core-set what is covered (nothing else reads them).
+    Where selection measures distances to what is labelled (``active.scores_labeled``:
+    core-set, TypiClust, ProbCover, auto), labelled images are scored too, for their
+    embeddings (nothing else reads them).
 
     Writes ``scores/summary.json`` (per image: its scores per strategy and aggregation, the
     model key; the same bytes when nothing changed) and returns it with the counts
@@ -289,7 +290,7 @@ def score_pool(
     settings = settings_key(params)
     pool_ids = {it["id"] for it in index.get("pool", [])}
     todo = list(index.get("pool", []))
-    if params.active.diversity == "coreset":
+    if params.active.scores_labeled:
         todo += index["items"]
     computed, kept, failed = 0, 0, []
     rows = []

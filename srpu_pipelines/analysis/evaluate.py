@@ -105,14 +105,9 @@ def save_label_files(out: Path, stem: str, pred: np.ndarray, codec: MaskCodec) -
     import tifffile
 
     _save_png(out / f"{stem}_pred.png", codec.to_color(pred))
+    indexed = codec.indexed_image(pred)
+    atomic_write_with(out / f"{stem}_pred_index.png", lambda t: indexed.save(t, format="PNG"))
     lut = codec.to_color(np.arange(256, dtype=np.uint8)[None])[0]  # (256, 3)
-
-    def indexed(tmp: Path) -> None:
-        im = Image.frombytes("P", (pred.shape[1], pred.shape[0]), np.ascontiguousarray(pred))
-        im.putpalette(lut.ravel().tolist())
-        im.save(tmp, format="PNG")
-
-    atomic_write_with(out / f"{stem}_pred_index.png", indexed)
     cmap = lut.T.astype(np.uint16) * 257  # (3, 256), 16-bit as TIFF colormaps are
     atomic_write_with(
         out / f"{stem}_labels.tif",

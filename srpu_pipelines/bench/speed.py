@@ -103,7 +103,7 @@ def _row(arm: str, seed: int, steps: int, seconds: float, batch: int, flops: int
         "arm": arm,
         "seed": seed,
         "steps": steps,
-        "wall_s": round(seconds, 2),
+        "wall_s": round(seconds, 4),
         "steps_per_s": round(steps / seconds, 3),
         "images_per_s": round(steps * batch / seconds, 2),
         "model_gflops_per_s": round(gflops, 1),

@@ -1,4 +1,4 @@
-"""Masks: decode files into class-index images and encode predictions as colour masks.
+"""Masks: decode files into class-index images and encode them back as mask files.
 
 A class-index image is uint8 (H, W) holding 0..C-1, or ``IGNORE_INDEX`` (255) for pixels
 that carry no label (the ignore colour, e.g. an SEM information bar).
@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from srpu_pipelines.config import IGNORE_INDEX, Params
 from srpu_pipelines.data.imageio import ImageReadError, read_raw
+from srpu_pipelines.io.files import atomic_write_with
 
 
 class MaskDecodeError(ValueError):
@@ -194,6 +196,36 @@ class MaskCodec:
         if self.ignore_color is not None:
             lut[IGNORE_INDEX] = self.ignore_color
         return lut[index]
+
+    def indexed_image(self, index: np.ndarray) -> Image.Image:
+        """An indexed ('P') image: pixel value = class (``IGNORE_INDEX`` not labelled), the
+        class colours as its palette, so painters show colours and the values stay."""
+        lut = self.to_color(np.arange(256, dtype=np.uint8)[None])[0]  # (256, 3)
+        h, w = index.shape
+        im = Image.frombytes("P", (w, h), np.ascontiguousarray(index, np.uint8))
+        im.putpalette(lut.ravel().tolist())
+        return im
+
+    def encode_image(self, index: np.ndarray) -> Image.Image:
+        """A class-index image as a mask file of this codec's encoding, which
+        ``decode_file`` reads back to the same classes: colours (``color``), an indexed
+        PNG whose values are the classes (``index``), or the grey levels (``grey``).
+        A grey mask has no value for "unlabelled": such pixels (a prediction's data bar)
+        are written as class 0's level, and the bar is unlabelled again when the mask is
+        read (``item_mask`` applies ``with_bar``)."""
+        if self.encoding == "color":
+            return Image.fromarray(self.to_color(index))
+        if self.encoding == "index":
+            return self.indexed_image(index)
+        assert self.grey_levels is not None
+        lut = np.full(256, self.grey_levels[0], np.uint8)
+        lut[: self.num_classes] = np.array(self.grey_levels, np.uint8)
+        return Image.fromarray(lut[index])
+
+    def save_png(self, path: str | Path, index: np.ndarray) -> None:
+        """Write ``encode_image(index)`` to ``path`` atomically as PNG."""
+        im = self.encode_image(index)
+        atomic_write_with(Path(path), lambda tmp: im.save(tmp, format="PNG"))
 
 
 def with_bar(mask: np.ndarray, height: int, bar_rows: int) -> np.ndarray:

@@ -105,7 +105,12 @@ def run_select(params: Params, tracker: Tracker | None) -> dict[str, Any]:
         round_folders,
         write_round,
     )
-    from srpu_pipelines.active_learning.selection import candidates, is_cold, select
+    from srpu_pipelines.active_learning.selection import (
+        candidates,
+        is_cold,
+        label_state,
+        select,
+    )
     from srpu_pipelines.data.index import load_index
 
     index = load_index(params.data.index_path)
@@ -130,7 +135,10 @@ def run_select(params: Params, tracker: Tracker | None) -> dict[str, Any]:
     cold = is_cold(params, key)
     rounds = round_folders(params)
     number = rounds[-1][0] + 1 if rounds else 1
-    chosen = select(params, cands, cold, seed=params.seed * 1000 + number, centres=centres)
+    state = label_state(index, len(params.classes))
+    chosen = select(
+        params, cands, cold, seed=params.seed * 1000 + number, centres=centres, state=state
+    )
     pool = {it["id"]: it for it in index.get("pool", [])}
     for c in chosen:  # what the round's files need to know of their parent image
         parent = pool.get(c["image_id"], {})
