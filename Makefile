@@ -17,7 +17,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 
-.PHONY: setup browser test demo ui mlflow-ui repro lint clean-outputs
+.PHONY: setup browser postgres test demo ui mlflow-ui repro lint clean-outputs
 
 # Re-installs only when pyproject.toml changes. torch/torchvision are pinned in pyproject
 # (they come from this machine's disk; other versions would download several GB).
@@ -49,16 +49,26 @@ browser:
 	    --no-install-recommends chromium chromium-driver fonts-liberation >/dev/null; } || \
 	  echo "could not install chromium (not root?): the browser test will be skipped"
 
-test: setup browser
-	$(PY) -m pytest -q
+# Debian's PostgreSQL for the test of real servers (MLflow and Dagster storage on it).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  echo "installing Debian postgresql for the real-servers test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends postgresql >/dev/null; } || \
+	  echo "could not install postgresql (not root?): its test will be skipped"
+
+test: setup browser postgres
+	$(PY) -m pytest -q --durations=15
 
 # The main job on the bundled synthetic demo data, materialised through Dagster in process:
 # dataset_index -> trained_model -> evaluation -> (blocking gate) champion_model -> predictions
+# Through `dg launch` (Dagster's own log goes to outputs/demo/dagster.log): one line per
+# step, a progress bar while a stage trains, then the report.
 demo: setup
-	$(SRPU) demo-data
-	@status=0; $(VENV)/bin/dagster asset materialize --select '*' -m srpu_pipelines.definitions \
-	  || status=$$?; $(PY) -m srpu_pipelines.pipeline.report; if [ $$status -ne 0 ]; then \
-	  echo "dagster run failed (a failed blocking check keeps the champion): see make ui"; fi; \
+	@$(SRPU) -q demo-data
+	@status=0; $(PY) -m srpu_pipelines.pipeline.demo_run --select '*' || status=$$?; \
+	  $(PY) -m srpu_pipelines.pipeline.report; if [ $$status -ne 0 ]; then \
+	  echo "the run failed (a failed blocking check keeps the champion): see make ui"; fi; \
 	  exit $$status
 
 # Web UIs, on the loopback interface only.

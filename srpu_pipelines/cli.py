@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from srpu_pipelines.config import Params, ParamsError, load_params
+from srpu_pipelines.errors import InputError
 
 
 def _table(metrics: dict[str, Any], title: str) -> str:
@@ -195,7 +196,7 @@ def cmd_stages(params: Params, args: argparse.Namespace) -> int:
 
         changed = sync_dvc_yaml(params, Path(args.dvc_file), write=args.write_dvc)
         if args.check_dvc and changed:
-            raise ValueError(
+            raise InputError(
                 f"{args.dvc_file}: its training stages differ from the params stages; "
                 "run `srpu stages --write-dvc`"
             )
@@ -260,9 +261,18 @@ def cmd_promote(params: Params, args: argparse.Namespace) -> int:
 
     tracker = _tracker(params)
     if tracker is None:
-        raise ValueError("tracking.enabled is false: there is no registry to promote in")
-    g = run_promote(params, tracker)
+        raise InputError("tracking.enabled is false: there is no registry to promote in")
     name = tracker.registered_model
+    if args.version is not None:  # a person rolls the champion back (or forward)
+        from srpu_pipelines.pipeline.steps import run_rollback
+
+        e = run_rollback(params, tracker, args.version, args.reason or "")
+        print(
+            f"{name} version {e['champion_after']} is champion (was {e['champion_before']}); "
+            f"recorded as history entry {e['round']}"
+        )
+        return 0
+    g = run_promote(params, tracker)
 
     def score(v: float | None) -> str:
         return "none" if v is None else f"{v:.4f}"
@@ -278,6 +288,18 @@ def cmd_promote(params: Params, args: argparse.Namespace) -> int:
             f"{score(g['champion_val_miou'])}); candidate {g['candidate_version']} scored "
             f"{score(g['candidate_val_miou'])}" + (f": {g['reason']}" if g["reason"] else "")
         )
+    return 0
+
+
+def cmd_lineage(params: Params, args: argparse.Namespace) -> int:
+    from srpu_pipelines.pipeline.lineage import format_lineage, lineage
+
+    tracker = _tracker(params)
+    if tracker is None:
+        raise InputError("tracking.enabled is false: there is no registry to trace models in")
+    uri = args.model_uri or f"models:/{tracker.registered_model}@champion"
+    d = lineage(tracker, uri)
+    print(json.dumps(d, indent=2) if args.json else format_lineage(d))
     return 0
 
 
@@ -565,9 +587,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "promote",
-        help="make the newly trained model champion if its val mIoU is not below the champion's",
+        help="make the newly trained model champion if its val mIoU is not below the "
+        "champion's; --version N: make version N champion (a rollback, recorded in the history)",
     )
+    p.add_argument("--version", help="registered version to make champion, without the gate")
+    p.add_argument("--reason", help="why (with --version): kept in the history line")
     p.set_defaults(func=cmd_promote)
+    p = sub.add_parser(
+        "lineage",
+        help="where a registered model comes from: version -> data -> rounds -> params -> commit",
+    )
+    p.add_argument(
+        "model_uri", nargs="?", help="default models:/<tracking.registered_model>@champion"
+    )
+    p.add_argument("--json", action="store_true", help="as JSON")
+    p.set_defaults(func=cmd_lineage)
 
     p = sub.add_parser(
         "import-masks",
@@ -708,10 +742,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if not args.quiet else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from srpu_pipelines.data.imageio import ImageReadError
-    from srpu_pipelines.data.index import BadInputError
-    from srpu_pipelines.data.masks import MaskDecodeError
-    from srpu_pipelines.models.factory import UnknownNameError
+    from srpu_pipelines.errors import UserError
 
     try:
         if not getattr(args, "needs_params", True):
@@ -721,16 +752,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.alias_overrides:  # flags are --set overrides, applied after --set
             params = load_params(args.params, args.set + args.alias_overrides)
         return args.func(params, args)
-    except (
-        ParamsError,
-        BadInputError,
-        ImageReadError,
-        MaskDecodeError,
-        FileNotFoundError,
-        ValueError,
-        UnknownNameError,
-    ) as e:
-        if os.environ.get("SRPU_DEBUG"):
+    except UserError as e:  # a problem the user can fix: one line; anything else is a
+        if os.environ.get("SRPU_DEBUG"):  # defect and keeps its traceback
             raise
         print(f"srpu: error: {e}", file=sys.stderr)
         return 2

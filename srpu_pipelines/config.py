@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from srpu_pipelines.errors import UserError
+
 # painted masks: anti-aliased edges and JPEG smear stay within a quarter of the range of
 # the colour they belong to; pure colours of different classes are much further apart
 COLOR_TOLERANCE = 64
@@ -37,7 +39,7 @@ SELECTION_STRATEGIES = (
 )
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError, ValueError):
     """A params file that cannot be used; the message names the file and the key."""
 
 
@@ -102,6 +104,12 @@ class SplitParams(_Strict):
     val: float = Field(default=0.2, ge=0.0, lt=1.0)
     test: float = Field(default=0.2, ge=0.0, lt=1.0)
     split_file: Path | None = Field(default=None, description="JSON {split: [names]} to honour")
+    record: Path | None = Field(
+        default=None,
+        description="JSON {image id: split} of every split ever given, written by srpu index "
+        "and read back first: keep it with the labels (inside the DVC-tracked labelled "
+        "folder, or in git) so that a fresh clone or a removed index keeps every split",
+    )
     rare_fraction: float = Field(
         default=0.05, gt=0.0, lt=1.0, description="classes below this pixel share are 'rare'"
     )
@@ -127,6 +135,21 @@ class DataParams(_Strict):
         if dup:
             raise ValueError(f"sub-dataset names must be unique, repeated: {dup}")
         return v
+
+    @model_validator(mode="after")
+    def _record_outside_the_image_folders(self) -> DataParams:
+        rec = self.split.record
+        if rec is None:
+            return self
+        for d in self.datasets:
+            for folder in (d.labeled, d.masks, d.raw):
+                if folder is not None and Path(rec).parent == Path(folder):
+                    raise ValueError(
+                        f"data.split.record {rec} lies in sub-dataset {d.name!r}'s image "
+                        "folder, where it would be read as an image; put it one folder up "
+                        "(e.g. beside the sub-dataset folders, inside the tracked folder)"
+                    )
+        return self
 
 
 class ModelParams(_Strict):
@@ -534,6 +557,17 @@ class DemoParams(_Strict):
     info_bar: int = Field(default=24, ge=0, description="height of the SEM data bar in px")
 
 
+class OrchestrationParams(_Strict):
+    """How Dagster runs the assets."""
+
+    executor: Literal["in_process", "multiprocess"] = Field(
+        default="in_process",
+        description="in_process: one process, step after step (best on 2 cores: STACK_NOTES); "
+        "multiprocess: steps in parallel processes (the scoring fan-out's sub-datasets)",
+    )
+    max_concurrent: int = Field(default=2, ge=1, description="multiprocess: processes at once")
+
+
 class TrackingParams(_Strict):
     """MLflow tracking and model registry. The URI: ``uri`` when set, else the environment's
     MLFLOW_TRACKING_URI, else a SQLite file in the project (no server needed)."""
@@ -546,6 +580,13 @@ class TrackingParams(_Strict):
     )
     experiment: str = Field(default="srpu", min_length=1)
     registered_model: str = Field(default="srpu-segmenter", min_length=1)
+    keep_run_checkpoints: int | None = Field(
+        default=5,
+        ge=1,
+        description="per training stage, the checkpoints (run artifact 'checkpoint/') of "
+        "this many newest runs are kept; older runs' are deleted after each training, "
+        "except runs with a registered model version (never deleted); null keeps all",
+    )
 
 
 class EnsembleParams(_Strict):
@@ -571,10 +612,25 @@ class ActiveParams(_Strict):
     tile_size: int = Field(default=256, ge=32, description="side of a selection tile in px")
     batch_size: int = Field(default=4, ge=1, description="items selected per round")
     strategy: str = Field(
-        default="weighted",
+        default="typiclust",
         description="the registered selection strategy (active_learning/strategies.py): "
         "random, one uncertainty score, weighted, coreset, kmeans, cold_start, typiclust, "
         "probcover, auto",
+    )
+    scoring_fanout: Literal["none", "per_dataset"] = Field(
+        default="none",
+        description="per_dataset: pool scoring as one asset per sub-dataset "
+        "(uncertainty_scores_<name>), each resumable, which a multiprocess executor can run "
+        "in parallel (orchestration.executor); none: one asset (best on 2 cores)",
+    )
+    scoring_threads: int = Field(
+        default=0, ge=0, description="torch threads while scoring (0 = the cores)"
+    )
+    cold_features: Literal["auto", "appearance", "mae"] = Field(
+        default="auto",
+        description="what a cold start (no champion yet) embeds each tile with: mae (the "
+        "MAE encoder in pretrain.out_dir, srpu pretrain), appearance (intensity and "
+        "gradient histograms), auto (the MAE encoder where one exists, else appearance)",
     )
     auto_uncertainty_after: int = Field(
         default=8,
@@ -632,6 +688,12 @@ class ActiveParams(_Strict):
     )
     min_new_masks: int = Field(
         default=2, ge=1, description="the sensor starts a round when this many new masks are in"
+    )
+    round_retries: int = Field(
+        default=2,
+        ge=0,
+        description="a failed round is requested again this many times (each under a new "
+        "run key), then waits for a person; its masks stay pending",
     )
     max_rounds: int = Field(default=20, ge=1)
     stop_min_gain: float = Field(
@@ -704,6 +766,7 @@ class Params(_Strict):
     quantify: QuantifyParams = QuantifyParams()
     demo: DemoParams = DemoParams()
     tracking: TrackingParams = TrackingParams()
+    orchestration: OrchestrationParams = OrchestrationParams()
     pretrain: PretrainParams = PretrainParams()
     active: ActiveParams = ActiveParams()
     stages: list[StageSpec] = Field(

@@ -13,8 +13,8 @@ import dagster as dg
 
 from srpu_pipelines.assets.active_learning import (
     round_history,
+    scoring_assets,
     selected_batch,
-    uncertainty_scores,
 )
 from srpu_pipelines.assets.data import (
     dataset_index,
@@ -60,7 +60,7 @@ def pipeline_assets(params: Params) -> list[dg.AssetsDefinition]:
         champion_model,
         predictions,
         microstructure_asset(params),
-        uncertainty_scores,
+        *scoring_assets(params),
         selected_batch,
         round_history,
     ]
@@ -80,8 +80,15 @@ def build_definitions(params: Params) -> dg.Definitions:
         jobs=[job, round_job(params)],
         sensors=[new_masks_sensor],
         resources={"params": ParamsResource(), "mlflow": MlflowResource(), "dvc": DvcResource()},
-        # 2 cores: the multiprocess executor costs more than the work (STACK_NOTES)
-        executor=dg.in_process_executor,
+        # 2 cores: the multiprocess executor costs more than the work (STACK_NOTES); it is
+        # opt-in (orchestration.executor), for the scoring fan-out on more cores
+        executor=(
+            dg.in_process_executor
+            if params.orchestration.executor == "in_process"
+            else dg.multiprocess_executor.configured(
+                {"max_concurrent": params.orchestration.max_concurrent}
+            )
+        ),
     )
 
 

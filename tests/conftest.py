@@ -17,6 +17,23 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 torch.set_num_threads(2)
 
 ROOT = Path(__file__).resolve().parents[1]
+CI = os.environ.get("CI", "").lower() == "true"
+
+
+def requires_tool(present: bool, reason: str) -> pytest.MarkDecorator:
+    """Skip a test whose tool (DVC, PostgreSQL, a browser) is missing, with ``reason``;
+    under CI=true fail it instead: there `make test` installs them, so missing is a fault."""
+    return pytest.mark.requires_tool(present=present, reason=reason)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("requires_tool"):
+        if not mark.kwargs["present"]:
+            if CI:
+                pytest.fail(f"CI=true and {mark.kwargs['reason']}", pytrace=False)
+            pytest.skip(mark.kwargs["reason"])
+
+
 NASA = (ROOT / ".." / "shared" / "data" / "nasa-super").resolve()
 COLORS = [(255, 0, 0), (0, 0, 255), (0, 255, 0)]
 

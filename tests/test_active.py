@@ -271,6 +271,7 @@ def test_coreset_spreads_over_clusters():
 def test_select_top_score_diverse_random_and_cold(tiny_params):
     p = tiny_params.model_copy(deep=True)
     p.active.batch_size = 2
+    p.active.strategy = "weighted"  # the weights and the diversity step under test
     # two near-identical very uncertain images, one a little less uncertain elsewhere
     cands = [
         _cand(0, {"entropy": 0.90}, [0.0, 0.0]),
@@ -343,7 +344,7 @@ def test_scores_are_kept_until_the_model_or_the_image_changes(al_params):
     assert set(rec["scores"]) == set(p.active.strategies)
     # without core-set nothing reads the labelled images' embeddings: only the pool
     q = p.model_copy(deep=True)
-    q.active.diversity = "none"
+    q.active.strategy, q.active.diversity = "weighted", "none"
     fifth = score_pool(q, index, ckpt, "m/v3", progress=False)
     assert (fifth["computed"], fifth["kept"]) == (len(index["pool"]), 0)
 
@@ -369,7 +370,7 @@ def test_coreset_wants_the_labelled_images_scored(al_params):
     p = al_params
     _random_champion(p)
     q = p.model_copy(deep=True)
-    q.active.diversity = "none"
+    q.active.strategy, q.active.diversity = "weighted", "none"
     run_score(q, None, progress=False)
     with pytest.raises(ValueError, match=r"image\(s\) have no scores .* run `srpu score`"):
         run_select(p, None)
@@ -548,3 +549,65 @@ def test_a_round_of_an_index_encoded_set_hands_over_index_masks_that_re_index(tm
     run_index(p, progress=False)
     index = load_index(p.data.index_path)
     assert first["id"] in {it["id"] for it in index["items"] if it["split"] == "train"}
+
+
+def test_a_cold_start_embeds_tiles_with_the_mae_encoder_where_there_is_one(al_params):
+    """active.cold_features auto: appearance features (40 numbers) with no MAE encoder,
+    the encoder's deepest features once `srpu pretrain` wrote one; a new encoder makes
+    the stored records stale; `mae` without the file is an error naming the key."""
+    from srpu_pipelines.active_learning.scoring import load_embeddings
+    from srpu_pipelines.data.index import load_index
+
+    p = al_params
+    first = run_score(p, None, progress=False)
+    some = load_index(p.data.index_path)["pool"][0]["id"]
+    assert first["model_key"] == COLD_KEY and load_embeddings(p, some).shape[1] == 40
+    enc = Path(p.pretrain.out_dir) / "encoder.pt"
+    with pytest.raises(FileNotFoundError, match=r"active\.cold_features: mae, but .*encoder\.pt"):
+        run_score(
+            p.model_copy(update={"active": p.active.model_copy(update={"cold_features": "mae"})}),
+            None,
+            progress=False,
+        )
+    torch.manual_seed(1)
+    model = model_from_params(p.model, p.num_classes)
+    save_checkpoint(enc, model.encoder, {**model_config(p), "kind": "encoder"})
+    second = run_score(p, None, progress=False)
+    deepest = model.encoder.out_channels[-1]
+    assert second["computed"] == first["computed"] and second["kept"] == 0
+    assert load_embeddings(p, some).shape[1] == deepest
+    assert run_score(p, None, progress=False)["kept"] == first["computed"]
+    r = run_select(p, None)  # the cold start picks on those embeddings
+    assert r["new"] and len(r["summary"]["selected"]) == p.active.batch_size
+
+
+def test_history_tolerates_only_a_torn_last_line_and_numbers_rounds_uniquely(tiny_params):
+    from srpu_pipelines.active_learning.history import (
+        append_history,
+        history_path,
+        next_round,
+        read_history,
+    )
+    from srpu_pipelines.errors import InputError
+
+    p = tiny_params
+    for n in (1, 2):
+        append_history(p, {"round": n, "corrected": []})
+    path = history_path(p)
+    whole = path.read_bytes()
+    with open(path, "ab") as fh:  # a crash while appending round 3
+        fh.write(b'{"round": 3, "corr')
+    assert [h["round"] for h in read_history(p)] == [1, 2]
+    assert next_round(read_history(p)) == 3  # the torn round is redone under its number
+    append_history(p, {"round": 3, "corrected": ["x"]})
+    assert path.read_bytes().startswith(whole)  # the earlier lines untouched
+    assert [h["round"] for h in read_history(p)] == [1, 2, 3]
+    assert path.with_name(path.name + ".torn").read_text() == '{"round": 3, "corr\n'
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], "{damaged", *lines[1:]]) + "\n")
+    with pytest.raises(InputError, match=r"history\.jsonl: line 2 is damaged"):
+        read_history(p)
+    path.write_text("\n".join([lines[0], lines[0], *lines[1:]]) + "\n")
+    with pytest.raises(InputError, match=r"line 2 repeats round 1"):
+        read_history(p)
+    assert next_round([{"round": 1}, {"round": 5}]) == 6  # not the line count

@@ -81,6 +81,38 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     assert "unknown encoder 'resnet19'" in capsys.readouterr().err
 
 
+def test_a_defect_keeps_its_traceback_where_a_user_error_is_one_line(tmp_path, capsys, monkeypatch):
+    """Only a UserError (a problem the user can fix) becomes one line: a ValueError from
+    a bug was once printed the same way, its traceback lost."""
+    import srpu_pipelines.cli as cli
+    from srpu_pipelines.errors import InputError, UserError
+
+    pf = tmp_path / "params.yaml"
+    pf.write_text(yaml.safe_dump(tiny_params_dict(tmp_path)))
+
+    def defect(params, args):
+        raise ValueError("math domain error")  # as numpy or a bug would raise it
+
+    monkeypatch.setattr(cli, "cmd_index", defect)
+    with pytest.raises(ValueError, match="math domain error"):
+        main(["--params", str(pf), "index"])
+
+    def mistake(params, args):
+        raise InputError("data/x.png: not an image")
+
+    monkeypatch.setattr(cli, "cmd_index", mistake)
+    assert main(["--params", str(pf), "index"]) == 2
+    assert capsys.readouterr().err == "srpu: error: data/x.png: not an image\n"
+    for name in ("ParamsError", "BadInputError", "MaskDecodeError", "ImageReadError"):
+        mod = {
+            "ParamsError": "srpu_pipelines.config",
+            "BadInputError": "srpu_pipelines.data.index",
+            "MaskDecodeError": "srpu_pipelines.data.masks",
+            "ImageReadError": "srpu_pipelines.data.imageio",
+        }[name]
+        assert issubclass(getattr(__import__(mod, fromlist=[name]), name), UserError)
+
+
 def test_train_flags_are_set_overrides_of_the_stage(tmp_path, capsys):
     pf = tmp_path / "params.yaml"
     d = tiny_params_dict(tmp_path)

@@ -128,6 +128,22 @@ def test_materialize_everything(resources):
     assert run["params"]["train"]["epochs"] == 2 and run["tags"]["srpu.data_revision"]
     assert run["params"]["train"]["semi"]["enabled"] and run["tags"]["srpu.stage"] == "tune"
     assert any("val_miou" in m for _, m in run["metrics"])  # per epoch
+
+    # progress while the stage trained: one observation per epoch (loss, val mIoU,
+    # steps/s, ETA), logged before the stage's materialisation
+    obs = [
+        e.event_specific_data.asset_observation
+        for e in result.all_events
+        if e.event_type_value == "ASSET_OBSERVATION"
+        and e.event_specific_data.asset_observation.asset_key.to_user_string() == "train_tune"
+    ]
+    assert [o.metadata["epoch"].value for o in obs] == [1, 2]
+    assert {"loss", "val_miou", "steps_per_s", "eta_s"} <= set(obs[-1].metadata)
+    assert obs[-1].metadata["eta_s"].value == 0.0
+    kinds = [e.event_type_value for e in result.all_events if e.step_key == "train_tune"]
+    assert kinds.index("ASSET_OBSERVATION") < kinds.index("ASSET_MATERIALIZATION")
+    champion = _metadata(result, "champion_model")
+    assert "-> commit:" in champion["lineage"].value and "-> rounds:" in champion["lineage"].value
     assert any(k.startswith("eval_test_iou.") for _, m in run["metrics"] for k in m)
 
 

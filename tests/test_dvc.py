@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, tiny_params_dict
+from tests.conftest import ROOT, requires_tool, tiny_params_dict
 
 DVC = Path(sys.executable).parent / "dvc"
-pytestmark = pytest.mark.skipif(not DVC.exists(), reason=f"{DVC} missing: run `make setup`")
+pytestmark = requires_tool(DVC.exists(), f"{DVC} missing: run `make setup`")
 
 
 def _dvc(cwd: Path, *args: str) -> str:
@@ -55,21 +55,30 @@ def project(tmp_path_factory) -> Path:
         {k: v for k, v in base["demo"].items() if k not in ("out_dir", "datasets")}
     )
     params["tracking"]["enabled"] = True
+    # two stages, the first from the MAE encoder: what a user who switches pretraining on
+    # runs (the shipped params have one stage), and a stage after a stage to re-run alone
+    params["stages"] = MULTI_STAGE
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     cwd = os.getcwd()
     os.chdir(dst)
     try:
-        generate_demo(parse_params(params))
+        p = parse_params(params)
+        generate_demo(p)
+        from srpu_pipelines.pipeline.dvc_stages import sync_dvc_yaml
+
+        assert sync_dvc_yaml(p, dst / "dvc.yaml", write=True)  # `srpu stages --write-dvc`
     finally:
         os.chdir(cwd)
     return dst
 
 
-STAGES = [
+MULTI_STAGE = [
+    {"name": "decoder", "init": "mae", "train": {"encoder": "frozen", "epochs": 3}},
+    {"name": "finetune", "init": "previous", "train": {"encoder": "differential"}},
+]
+SHIPPED = [
     "dataset_index",
-    "mae_encoder",
-    "train_decoder",
-    "train_finetune",
+    "train_supervised",
     "evaluation",
     "champion_model",
     "predictions",
@@ -77,6 +86,7 @@ STAGES = [
     "uncertainty_scores",
     "selected_batch",
 ]
+STAGES = [SHIPPED[0], "mae_encoder", "train_decoder", "train_finetune", *SHIPPED[2:]]
 
 
 def test_committed_dvc_yaml_is_in_step_with_params_yaml():
@@ -85,7 +95,7 @@ def test_committed_dvc_yaml_is_in_step_with_params_yaml():
 
     p = load_params(ROOT / "params.yaml")
     assert not sync_dvc_yaml(p, ROOT / "dvc.yaml", write=False), "run `srpu stages --write-dvc`"
-    assert list(dvc_stages(p)) == STAGES  # the Dagster asset names, in order
+    assert list(dvc_stages(p)) == SHIPPED  # the Dagster asset names, in order
 
 
 def test_repro_runs_then_is_idempotent_then_reruns_only_what_changed(project):
@@ -151,3 +161,41 @@ def test_dagster_cli_materializes_with_a_string_selection(project, tmp_path):
     for asset in STAGES:
         assert f"Materialized value {asset}" in log, asset
     assert "RUN_SUCCESS" in log
+
+
+def test_the_demo_run_prints_a_line_per_step_and_logs_dagster_to_a_file(project, tmp_path):
+    """`make demo`'s run: `dg launch` (the current command) with Dagster's own log in a
+    file, one line per step on screen, then the report: at most 40 lines in all."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    fresh = tmp_path / "srpu"
+    shutil.copytree(project, fresh, ignore=shutil.ignore_patterns("outputs", "mlruns"))
+    py = str(DVC.parent / "python")
+    run = subprocess.run(
+        [py, "-m", "srpu_pipelines.pipeline.demo_run", "--select", "*"],
+        cwd=fresh,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    report = subprocess.run(
+        [py, "-m", "srpu_pipelines.pipeline.report"],
+        cwd=fresh,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    lines = [ln for ln in (run.stdout + report.stdout).splitlines() if ln.strip()]
+    assert len(lines) <= 40, "\n".join(lines)
+    for asset in STAGES:
+        assert any(ln.split()[:2] == ["ok", asset] for ln in lines), (asset, lines)
+    assert "the run finished in" in run.stdout and "champion: " in report.stdout
+    log = (fresh / "outputs/demo/dagster.log").read_text()
+    assert "RUN_SUCCESS" in log and "DEBUG" in log  # Dagster's own lines: in the file
+    assert "DEBUG" not in run.stdout

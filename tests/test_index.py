@@ -381,3 +381,46 @@ def test_the_data_bar_is_found_not_labelled_and_a_mask_may_stop_above_it(tmp_pat
     d["data"]["datasets"][0]["data_bar"] = "none"
     with pytest.raises(BadInputError, match=r"above_mask\.png: mask size .* 16 rows shorter"):
         build_index(parse_params(d), show_progress=False)
+
+
+def test_the_split_record_keeps_every_split_without_the_index(tmp_path):
+    """`make clean-outputs` or a fresh clone loses outputs/index.json; the split record,
+    versioned with the labels, gives every image its split back, remembered ones too,
+    even where the seed would now split otherwise."""
+    from srpu_pipelines.data.index import read_split_record
+    from srpu_pipelines.pipeline.steps import run_index
+
+    record = tmp_path / "splits.json"
+    p = params_for(tmp_path, **{"data.split.record": str(record), "data.on_bad_input": "skip"})
+    for i in range(12):
+        make_pair(tmp_path / "lab", f"img{i:02d}")
+    first = {it["id"]: it["split"] for it in run_index(p, progress=False)["index"]["items"]}
+    assert read_split_record(record) == first
+    stamp = record.stat().st_mtime_ns
+    run_index(p, progress=False)  # the same splits: the record is not rewritten
+    assert record.stat().st_mtime_ns == stamp
+    away = next(k for k, v in first.items() if v == "test")
+    Path(tmp_path / "lab" / f"{away.split('/', 1)[1]}_mask.png").write_bytes(b"being fixed")
+    run_index(p, progress=False)
+    assert read_split_record(record)[away] == "test"  # remembered while it is away
+    make_pair(tmp_path / "lab", away.split("/", 1)[1])
+    Path(p.data.index_path).unlink()  # outputs gone
+    other_seed = params_for(
+        tmp_path, seed=7, **{"data.split.record": str(record), "data.on_bad_input": "skip"}
+    )
+    again = run_index(other_seed, progress=False)["index"]["items"]
+    assert {it["id"]: it["split"] for it in again} == first
+
+
+def test_a_damaged_split_record_stops_the_index_naming_it(tmp_path):
+    record = tmp_path / "splits.json"
+    p = params_for(tmp_path, **{"data.split.record": str(record)})
+    make_pair(tmp_path / "lab", "img0")
+    record.write_text('{"version": 1, "splits": {"a/img0": "holdout"}}')
+    with pytest.raises(ValueError, match=r"splits\.json: not an SRPU split record"):
+        build_index(p, show_progress=False)
+    record.write_text('{"version": 1, "spl')
+    with pytest.raises(ValueError, match=r"splits\.json: not valid JSON"):
+        build_index(p, show_progress=False)
+    with pytest.raises(ValueError, match=r"data\.split\.record .* image folder"):
+        params_for(tmp_path, **{"data.split.record": str(tmp_path / "lab" / "splits.json")})

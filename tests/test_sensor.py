@@ -27,15 +27,19 @@ from srpu_pipelines.sensors.new_masks import (
     round_run_config,
     round_selection,
 )
-from tests.conftest import color_mask, save, tiny_params_dict
+from tests.conftest import color_mask, requires_tool, save, tiny_params_dict
 from tests.test_dagster import FAKE, FAKE_DVC, STAGES, FakeDvcResource, FakeMlflow
 
 
 @pytest.fixture
 def project(tmp_path):
+    return _project(tmp_path)
+
+
+def _project(tmp_path, **over):
     from srpu_pipelines.data.demo import generate_demo
 
-    d = tiny_params_dict(tmp_path)
+    d = tiny_params_dict(tmp_path, **over)
     d["stages"] = STAGES
     d["predict"]["source"] = "champion"
     pf = tmp_path / "params.yaml"
@@ -98,6 +102,47 @@ def test_sensor_ticks(project):
     save(labeled_b / "fixed two_mask.png", color_mask(np.ones((64, 64), np.uint8)))
     request, key, _ = check_new_masks(p, cursor2, round_running=False)
     assert request is not None and key != cursor2
+
+
+def test_a_failed_round_is_requested_again_under_new_keys_then_waits(project):
+    """A round that failed after dataset_index once left its masks indexed and no longer
+    "new": they waited silently. Now they stay pending, a failed round is re-requested
+    active.round_retries times under new run keys, then the tick asks for a person."""
+    from srpu_pipelines.active_learning.history import append_history
+
+    p, pf = project
+    run_index(p, progress=False)
+    append_history(p, {"round": 1, "labeled_ids": [], "corrected": []})  # pipeline ran
+    from srpu_pipelines.data.index import load_index
+
+    ids = [it["id"] for it in load_index(p.data.index_path)["items"]]
+    append_history(p, {"round": 2, "labeled_ids": ids, "corrected": []})
+    _drop_pair(p, "fixed one")
+    _drop_pair(p, "fixed two", dataset=1)
+    request, key, _ = check_new_masks(p, None, round_running=False)
+    first = request.run_key
+    assert request.tags["srpu/attempt"] == "1" and request.tags["srpu/masks_key"] == first
+    run_index(p, progress=False)  # the round indexed them, then failed
+    runs = {first: [dg.DagsterRunStatus.FAILURE]}
+    request, key, msg = check_new_masks(p, key, False, lambda k: runs.get(k, []))
+    assert request is not None and request.run_key == f"{first}-retry1", msg
+    assert "retry 1 of 2" in msg and "2 indexed mask(s) no round recorded yet" in msg
+    assert request.tags["srpu/attempt"] == "2"
+    runs[first].append(dg.DagsterRunStatus.STARTED)  # the retry runs: wait
+    request, _, msg = check_new_masks(p, key, False, lambda k: runs.get(k, []))
+    assert request is None and "was requested (STARTED)" in msg
+    runs[first][-1] = dg.DagsterRunStatus.FAILURE
+    request, key, _ = check_new_masks(p, key, False, lambda k: runs.get(k, []))
+    assert request.run_key == f"{first}-retry2"
+    runs[first].append(dg.DagsterRunStatus.FAILURE)
+    request, _, msg = check_new_masks(p, key, False, lambda k: runs.get(k, []))
+    assert request is None and "failed 3 time(s) (active.round_retries: 2)" in msg
+    assert "the masks stay pending" in msg
+    # a round that succeeds records them: nothing pending any more
+    ids = [it["id"] for it in load_index(p.data.index_path)["items"]]
+    append_history(p, {"round": 3, "labeled_ids": ids, "corrected": ids[-2:]})
+    request, _, msg = check_new_masks(p, key, False, lambda k: runs.get(k, []))
+    assert request is None and "0 new valid mask(s)" in msg
 
 
 def test_round_job_is_defined_with_the_gate_and_a_warm_start():
@@ -205,7 +250,7 @@ def test_a_round_whose_model_is_not_better_still_selects(project, monkeypatch):
 DVC = Path(__import__("sys").executable).parent / "dvc"
 
 
-@pytest.mark.skipif(not DVC.exists(), reason=f"{DVC} missing: run `make setup`")
+@requires_tool(DVC.exists(), f"{DVC} missing: run `make setup`")
 def test_dvc_commits_the_tracked_folder_above_a_labelled_folder(tmp_path):
     import subprocess
 
@@ -224,3 +269,72 @@ def test_dvc_commits_the_tracked_folder_above_a_labelled_folder(tmp_path):
     out = DvcCli(push=True).add([labeled / "ds1", other])  # no remote: no push, no error
     assert list(out) == [str(labeled)] and out[str(labeled)] not in (None, before)
     assert (labeled / "ds1/a_mask.png").is_file()  # the earlier label is still there
+
+
+@requires_tool(DVC.exists(), f"{DVC} missing: run `make setup`")
+def test_dvc_pushes_to_the_default_remote_and_a_broken_config_stops_the_step(tmp_path):
+    """`dvc remote default` failing for any reason once read as "no remote": the push
+    was skipped without a word. Now only "none configured" skips it."""
+    import subprocess
+
+    from srpu_pipelines.errors import DvcError
+    from srpu_pipelines.resources.dvc import DvcCli
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([str(DVC), "init", "-q"], cwd=tmp_path, check=True)
+    remote = tmp_path / "remote"
+    subprocess.run([str(DVC), "remote", "add", "-d", "r", str(remote)], cwd=tmp_path, check=True)
+    labeled = tmp_path / "data/labeled"
+    save(labeled / "ds1/a_mask.png", color_mask(np.zeros((8, 8), np.uint8)))
+    subprocess.run([str(DVC), "add", "-q", "data/labeled"], cwd=tmp_path, check=True)
+    DvcCli(push=True).add([labeled / "ds1"])
+    assert [p for p in remote.rglob("*") if p.is_file()]  # pushed: the remote has the files
+    config = tmp_path / ".dvc/config"
+    config.write_text(config.read_text() + "garbage[[[\n")
+    save(labeled / "ds1/b_mask.png", color_mask(np.ones((8, 8), np.uint8)))
+    with pytest.raises(DvcError, match=r"(?s)dvc add .* failed in .*config file error"):
+        DvcCli(push=True).add([labeled / "ds1"])
+
+
+def _accept_round(p, folder: Path) -> list[str]:
+    """A person accepts every predicted mask of a round folder as it is."""
+    summary = json.loads((folder / "selection_summary.json").read_text())
+    for s in summary["selected"]:
+        labeled = Path(next(d.labeled for d in p.data.datasets if d.name == s["dataset"]))
+        shutil.copy(s["image_file"], labeled / Path(s["image_file"]).name)
+        shutil.copy(s["mask_file"], labeled / Path(s["mask_file"]).name)
+    return [s["id"] for s in summary["selected"]]
+
+
+def test_three_rounds_train_on_every_correction_and_score_the_same_images(tmp_path):
+    """Issue 13's round test: every corrected mask lands in train, val and test are the
+    same images after three rounds, and the history's test mIoU is computed on the same
+    images each round (per sub-dataset too)."""
+    from srpu_pipelines.data.index import load_index
+
+    p, pf = _project(tmp_path, **{"demo.pool_per_dataset": 4})  # 8: three rounds of 2
+    res, assets, summary, _ = _pipeline_then_corrections(p, pf)
+    before = {it["id"]: it["split"] for it in load_index(p.data.index_path)["items"]}
+    held = {k: v for k, v in before.items() if v != "train"}
+    corrected = [s["id"] for s in summary["selected"]]
+    key = None
+    for n in range(1, 4):
+        if n > 1:
+            corrected += _accept_round(p, round_folders(p)[-1][1])
+        request, key, msg = check_new_masks(p, key, round_running=False)
+        assert request is not None, msg
+        assert _run_round(p, res, assets, request.tags).success
+    index = load_index(p.data.index_path)
+    after = {it["id"]: it["split"] for it in index["items"]}
+    assert len(corrected) == 3 * p.active.batch_size and len(set(corrected)) == len(corrected)
+    assert {after[i] for i in corrected} == {"train"}
+    assert {k: v for k, v in after.items() if v != "train"} == held
+    history = read_history(p)
+    assert len(history) == 4 and [h["round"] for h in history] == [1, 2, 3, 4]
+    assert history[-1]["labeled_count"] == len(before) + len(corrected)
+    test_ids = sorted(k for k, v in held.items() if v == "test")
+    assert all(h["test_ids"] == test_ids and h["test_split"] == "test" for h in history)
+    assert all(h["val_ids"] == sorted(k for k, v in held.items() if v == "val") for h in history)
+    for h in history:
+        assert set(h["test_miou_per_dataset"]) == {i.split("/", 1)[0] for i in test_ids}
+        assert all(0 <= v <= 1 for v in h["test_miou_per_dataset"].values())

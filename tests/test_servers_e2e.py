@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, tiny_params_dict
+from tests.conftest import ROOT, requires_tool, tiny_params_dict
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (make test installs it)"),
+    requires_tool(CHROMIUM is not None, "chromium not installed (make test installs it)"),
 ]
 BIN = Path(sys.executable).parent
 SHOTS = ROOT / "outputs" / "test-screenshots"
@@ -168,7 +168,7 @@ def demo_instance(tmp_path_factory):
 
 
 def test_dagster_ui_shows_the_assets_and_their_materialisations(demo_instance):
-    tmp, home, _ = demo_instance
+    tmp, home, params = demo_instance
     port = _free_port()
     env = {**os.environ, "DAGSTER_HOME": str(home)}
     proc = _start(
@@ -190,7 +190,10 @@ def test_dagster_ui_shows_the_assets_and_their_materialisations(demo_instance):
         # The global graph shows groups collapsed; each group's graph shows its asset nodes.
         groups = {
             "data": ["dataset_index"],
-            "training": ["mae_encoder", "train_decoder", "train_finetune"],
+            "training": [
+                *(["mae_encoder"] if any(s.init == "mae" for s in params.stages) else []),
+                *(f"train_{s.name}" for s in params.stages),
+            ],
             "evaluation": ["evaluation", "champion_model"],
             "inference": ["predictions"],
             "active_learning": ["uncertainty_scores", "selected_batch"],

@@ -1,7 +1,10 @@
 """MLflow on a temporary SQLite store: runs, registry, aliases, and the pyfunc model."""
 
+import time
+
 import numpy as np
 import pytest
+import yaml
 
 from srpu_pipelines.analysis.inference import predict_labels
 from srpu_pipelines.config import TrackingParams, parse_params
@@ -67,3 +70,142 @@ def test_champion_loads_from_registry_and_predicts_like_the_checkpoint(tracked):
     assert got.shape == (1, 70, 90) and np.array_equal(got[0], want)
     ckpt = tracker.fetch_checkpoint("champion", params.predict.models_cache)
     assert ckpt.is_file() and ckpt.suffix == ".pt"
+
+
+def test_only_not_found_means_no_champion():
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import (
+        INTERNAL_ERROR,
+        INVALID_PARAMETER_VALUE,
+        RESOURCE_DOES_NOT_EXIST,
+    )
+
+    from srpu_pipelines.resources.tracking import is_not_found
+
+    missing_model = MlflowException(
+        "Registered Model with name=x not found", RESOURCE_DOES_NOT_EXIST
+    )
+    missing_alias = MlflowException(
+        "Registered model alias champion not found.", INVALID_PARAMETER_VALUE
+    )
+    locked = MlflowException("(sqlite3.OperationalError) database is locked", INTERNAL_ERROR)
+    bad_name = MlflowException("Invalid model name ''", INVALID_PARAMETER_VALUE)
+    assert is_not_found(missing_model) and is_not_found(missing_alias)
+    assert not is_not_found(locked) and not is_not_found(bad_name)
+
+
+def test_a_registry_fault_stops_the_promotion_and_keeps_the_champion(tracked, monkeypatch):
+    """A registry hiccup once read as "no champion": the gate passed as "first champion"
+    and the alias went to a model that was never compared."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
+
+    from srpu_pipelines.errors import RegistryError, UserError
+
+    params, tracker, _ = tracked
+    assert tracker.get_alias("no-such-alias") is None  # not found: nothing there
+    run_promote(params, tracker)
+    champion = tracker.get_alias("champion").version
+    real = tracker.client.get_model_version_by_alias
+
+    def locked(name, alias):
+        raise MlflowException("(sqlite3.OperationalError) database is locked", INTERNAL_ERROR)
+
+    monkeypatch.setattr(tracker.client, "get_model_version_by_alias", locked)
+    with pytest.raises(RegistryError, match=r"srpu-segmenter@champion failed .*database is locked"):
+        run_promote(params, tracker)
+    with pytest.raises(UserError):
+        tracker.get_alias("champion")
+    monkeypatch.setattr(tracker.client, "get_model_version_by_alias", real)
+    assert tracker.get_alias("champion").version == champion
+
+
+def test_a_person_rolls_the_champion_back_and_the_history_says_so(tmp_path):
+    from srpu_pipelines.active_learning.history import append_history, read_history
+    from srpu_pipelines.errors import NotFoundError
+    from srpu_pipelines.pipeline.steps import run_rollback
+    from srpu_pipelines.resources.tracking import RecordingTracker
+
+    p = parse_params(tiny_params_dict(tmp_path))
+    t = RecordingTracker()
+    ckpt = tmp_path / "m.pt"
+    ckpt.write_bytes(b"weights")
+    for _ in range(2):
+        with t.start_run("train", {}, {}):
+            t.log_model(ckpt, {})
+    t.set_alias("champion", "2")
+    append_history(
+        p, {"round": 1, "labeled_ids": ["a/x"], "labeled_revision": "r", "corrected": []}
+    )
+    entry = run_rollback(p, t, "1", reason="v2 smears the cracks")
+    assert t.get_alias("champion").version == "1"
+    h = read_history(p)[-1]
+    assert h == entry and h["round"] == 2 and h["event"] == "rollback"
+    assert (h["champion_before"], h["champion_after"]) == ("2", "1")
+    assert h["labeled_ids"] == ["a/x"] and h["reason"] == "v2 smears the cracks"
+    with pytest.raises(NotFoundError, match="has no version 7"):
+        run_rollback(p, t, "7")
+    assert t.get_alias("champion").version == "1" and len(read_history(p)) == 2
+
+
+def test_a_registered_version_traces_back_to_data_rounds_params_and_commit(
+    tracked, capsys, tmp_path
+):
+    import re
+
+    from srpu_pipelines.cli import main
+    from srpu_pipelines.pipeline.lineage import format_lineage, lineage
+
+    params, tracker, out = tracked
+    d = lineage(tracker, f"models:/{tracker.registered_model}/{out['version'].version}")
+    assert d["index"] == out["record"]["data_revision"]
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", d["git_commit"]), d["git_commit"]
+    assert re.fullmatch(r"[0-9a-f]{16}", d["params"])
+    assert d["rounds"] == {}  # no round yet: trained on the labels it started with
+    assert all(v is None for v in d["data_md5"].values())  # the test's folders: not in DVC
+    text = format_lineage(d)
+    for link in ("-> data: index", "-> rounds: none", "-> params:", "-> commit:"):
+        assert link in text
+    with pytest.raises(Exception, match="no such version"):
+        lineage(tracker, f"models:/{tracker.registered_model}/99")
+    run_promote(params, tracker)
+    pf = tmp_path / "params.yaml"
+    pf.write_text(yaml.safe_dump(params.resolved()))
+    assert main(["-q", "--params", str(pf), "lineage"]) == 0  # the champion by default
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"models:/{tracker.registered_model}@champion -> version ")
+    assert d["git_commit"] in printed and d["index"] in printed
+
+
+def test_old_runs_checkpoints_are_pruned_and_registered_ones_kept(tmp_path, monkeypatch):
+    """tracking.keep_run_checkpoints: per stage, the newest N runs keep their checkpoint
+    artifacts, older ones lose them, and a run with a registered version never does."""
+    from srpu_pipelines.resources.tracking import MlflowTracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    p = TrackingParams(default_db=tmp_path / "m.db", artifact_root=tmp_path / "art")
+    t = MlflowTracker(p, root=tmp_path)
+    ckpt = tmp_path / "best.pt"
+    ckpt.write_bytes(b"weights")
+    ids = []
+    for _ in range(4):
+        with t.start_run("train_x", {}, {"srpu.stage": "x"}) as rid:
+            t.log_artifact(ckpt, "checkpoint")
+            ids.append(rid)
+        time.sleep(0.02)  # distinct start times
+    with t.start_run("train_y", {}, {"srpu.stage": "y"}):
+        t.log_artifact(ckpt, "checkpoint")
+    t.client.create_registered_model(t.registered_model)
+    run0 = t.client.get_run(ids[0])
+    t.client.create_model_version(t.registered_model, f"{run0.info.artifact_uri}/x", ids[0])
+
+    def has_ckpt(rid: str) -> bool:
+        return bool(t.client.list_artifacts(rid, "checkpoint"))
+
+    pruned = t.prune_checkpoints("x", keep=2)
+    assert pruned == [ids[1]]  # ids[0] is registered, ids[2:] are the newest two
+    assert [has_ckpt(r) for r in ids] == [True, False, True, True]
+    assert t.prune_checkpoints("x", keep=2) == []  # again: nothing more to do
+    assert has_ckpt(
+        t.client.search_runs([t.experiment_id], "tags.`srpu.stage` = 'y'")[0].info.run_id
+    )

@@ -10,12 +10,17 @@ are only ever appended, never rewritten.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from srpu_pipelines.config import Params
+from srpu_pipelines.errors import InputError
+from srpu_pipelines.io.faults import fault_point
 from srpu_pipelines.io.files import json_safe
+
+log = logging.getLogger(__name__)
 
 
 def history_path(params: Params) -> Path:
@@ -23,27 +28,68 @@ def history_path(params: Params) -> Path:
 
 
 def read_history(params: Params) -> list[dict[str, Any]]:
-    """Every recorded round, oldest first; a damaged last line (a crash while appending)
-    is skipped with the others kept."""
+    """Every recorded round, oldest first. Only a torn last line (a crash while
+    appending: no newline at its end) is left out, with a warning; a damaged line before
+    it, or a repeated round number, is an error naming the file and the line: skipping it
+    would hide a round and repeat its number."""
     path = history_path(params)
     if not path.is_file():
         return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    torn = lines.pop() if lines else ""  # after the last newline: "" unless torn
+    out: list[dict[str, Any]] = []
+    for n, line in enumerate(lines, 1):
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+            entry = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(
+                f"{path}: line {n} is damaged ({e}); only a torn last line is tolerated. "
+                "Restore the file from its backup or mend the line by hand"
+            ) from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("round"), int):
+            raise InputError(f"{path}: line {n} is not a round entry (no integer 'round')")
+        if out and entry["round"] <= out[-1]["round"]:
+            raise InputError(
+                f"{path}: line {n} repeats round {entry['round']} (or goes back); round "
+                "numbers must rise"
+            )
+        out.append(entry)
+    if torn.strip():
+        log.warning("%s: torn last line left out (a crash while appending): %r", path, torn[:80])
     return out
 
 
+def next_round(history: list[dict[str, Any]]) -> int:
+    """The number of the next entry: one above the highest (not the line count)."""
+    return max((h["round"] for h in history), default=0) + 1
+
+
 def append_history(params: Params, entry: dict[str, Any]) -> None:
-    """Append one line (flushed and synced: a crash leaves the earlier lines whole)."""
+    """Append one line (flushed and synced: a crash leaves the earlier lines whole). A
+    torn last line is first moved to ``history.jsonl.torn`` (kept, never glued to the
+    new line)."""
     path = history_path(params)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(json_safe(entry), sort_keys=True, ensure_ascii=False, allow_nan=False)
+    if path.is_file():
+        with open(path, "rb+") as fh:
+            data = fh.read()
+            cut = data.rfind(b"\n") + 1
+            if cut < len(data):  # a torn tail
+                with open(path.with_name(path.name + ".torn"), "ab") as keep:
+                    keep.write(data[cut:] + b"\n")
+                    keep.flush()
+                    os.fsync(keep.fileno())
+                fh.truncate(cut)
+                fh.flush()
+                os.fsync(fh.fileno())
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line + "\n")
+        half = len(line) // 2  # two writes, as a long line may land: a crash tears it
+        fh.write(line[:half])
+        fh.flush()
+        fault_point("history:append")
+        fh.write(line[half:] + "\n")
         fh.flush()
         os.fsync(fh.fileno())
 

@@ -31,6 +31,7 @@ from srpu_pipelines.config import Params
 from srpu_pipelines.data.discovery import SIDECARS, Pair, Problem, find_labeled
 from srpu_pipelines.data.imageio import read_raw
 from srpu_pipelines.data.masks import MaskCodec, item_mask
+from srpu_pipelines.io.faults import fault_point
 from srpu_pipelines.io.files import (
     atomic_write_bytes,
     atomic_write_json,
@@ -149,6 +150,9 @@ def write_round(
     rounds = round_folders(params)
     number = rounds[-1][0] + 1 if rounds else 1
     folder = rounds_dir(params) / f"round_{number:03d}"
+    if folder.exists():  # no summary: a write that was interrupted, never handed over
+        log.warning("%s: an interrupted round folder (no summary); written afresh", folder)
+        shutil.rmtree(folder)
     codec = MaskCodec.from_params(params)
     files = []
     for item in selected:
@@ -173,6 +177,7 @@ def write_round(
                 },
             )
         files.append({**item, **entry})
+        fault_point("round:item")
     summary = {
         "round": number,
         "model_key": model_key,

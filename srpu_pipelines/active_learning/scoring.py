@@ -8,8 +8,10 @@ that differs in any of them is stale and is recomputed, the others are kept. Ima
 streamed one at a time, so memory does not grow with the pool, and an interrupted scoring
 run resumes where it stopped.
 
-Without a model (cold start) the record holds appearance features instead of embeddings:
-intensity and texture histograms that need no training.
+Without a model (cold start) the record holds no uncertainty, and as embeddings either the
+MAE encoder's features (``active.cold_features``: mae, or auto where ``srpu pretrain``
+has written one) or appearance features: intensity and texture histograms that need no
+training.
 """
 
 from __future__ import annotations
@@ -36,7 +38,14 @@ from srpu_pipelines.compute.device import Runtime
 from srpu_pipelines.config import Params
 from srpu_pipelines.data.dataset import read_sample, standardize
 from srpu_pipelines.data.imageio import ImageReadError
-from srpu_pipelines.io.files import atomic_write_json, atomic_write_with, read_json
+from srpu_pipelines.errors import MissingError
+from srpu_pipelines.io.faults import fault_point
+from srpu_pipelines.io.files import (
+    atomic_write_json,
+    atomic_write_with,
+    read_json,
+    sha256_file_cached,
+)
 
 log = logging.getLogger(__name__)
 COLD_KEY = "cold-start"  # model_key of records made without a model
@@ -162,11 +171,46 @@ def appearance_features(image01: np.ndarray) -> np.ndarray:
     return np.concatenate(out).astype(np.float32)
 
 
+def cold_embedder(params: Params) -> tuple[nn.Module | None, str]:
+    """(model whose encoder embeds tiles in a cold start, its tag): the MAE encoder of
+    ``pretrain.out_dir`` (``active.cold_features``: mae, or auto where it exists), else
+    (None, "appearance"). The tag (the encoder file's hash) makes records made with
+    another encoder stale."""
+    from srpu_pipelines.models.checkpoint import build_from_config, read_checkpoint
+    from srpu_pipelines.models.factory import load_weights
+
+    tag = cold_tag(params)
+    if tag == "appearance":
+        return None, tag
+    enc = Path(params.pretrain.out_dir) / "encoder.pt"
+    _, config = read_checkpoint(enc)
+    model = build_from_config(config)
+    load_weights(model, enc, require="encoder")
+    rt = inference_runtime(params.inference)
+    return model.to(rt.device).eval(), tag
+
+
+def cold_tag(params: Params) -> str:
+    """What embeds tiles in a cold start: "appearance", or "mae:<encoder hash>"."""
+    how = params.active.cold_features
+    enc = Path(params.pretrain.out_dir) / "encoder.pt"
+    if how == "appearance" or (how == "auto" and not enc.is_file()):
+        return "appearance"
+    if not enc.is_file():
+        raise MissingError(
+            f"active.cold_features: mae, but {enc} does not exist: run `srpu pretrain` "
+            "(or materialize mae_encoder) first, or set active.cold_features: auto"
+        )
+    return f"mae:{sha256_file_cached(enc)[:12]}"
+
+
 # -- the store ------------------------------------------------------------------------------
-def settings_key(params: Params) -> str:
-    """What makes stored scores comparable besides the model and the image."""
+def settings_key(params: Params, cold_tag: str = "") -> str:
+    """What makes stored scores comparable besides the model and the image (in a cold
+    start also what embeds the tiles, ``cold_tag``)."""
     a = params.active
     keys = {
+        "cold": cold_tag,
         "v": SCORES_VERSION,
         "strategies": sorted(a.strategies),
         "tile_size": a.tile_size,
@@ -224,9 +268,12 @@ def score_image(
     model: nn.Module | None,
     in_channels: int,
     model_key: str,
+    embedder: nn.Module | None = None,
+    settings: str | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Score one pool image: (record, embeddings (n_tiles, D)). Only the sample above its
-    data bar is scored and tiled: the bar can never be picked."""
+    data bar is scored and tiled: the bar can never be picked. Without a model (cold
+    start) the embeddings come from ``embedder``'s encoder, or appearance features."""
     a = params.active
     bar = int(item.get("data_bar_rows") or 0)
     image01 = read_sample(item["image"], bar)
@@ -241,12 +288,21 @@ def score_image(
         "width": w,
         "data_bar_rows": bar,
         "model_key": model_key,
-        "settings": settings_key(params),
+        "settings": settings or settings_key(params),
     }
     if model is None:
-        feats = np.stack(
-            [appearance_features(image01[y : y + th, x : x + tw]) for y, x, th, tw in tiles]
-        )
+        if embedder is not None:
+            feats = tile_embeddings(
+                embedder,
+                standardize(image01),
+                tiles,
+                in_channels,
+                inference_runtime(params.inference),
+            )
+        else:
+            feats = np.stack(
+                [appearance_features(image01[y : y + th, x : x + tw]) for y, x, th, tw in tiles]
+            )
         record["image_scores"] = {}
         record["tiles"] = [
             {"y": y, "x": x, "h": th, "w": tw, "scores": {}} for y, x, th, tw in tiles
@@ -271,6 +327,7 @@ def score_pool(
     checkpoint: str | Path | None,
     model_key: str,
     progress: bool = True,
+    datasets: set[str] | None = None,
 ) -> dict[str, Any]:
     """Score every pool image whose stored record is stale (another model, image content or
     settings) or missing; keep the rest. ``checkpoint`` None scores for a cold start.
@@ -283,15 +340,21 @@ def score_pool(
     ``computed``, ``kept`` and the ``failed`` images."""
     from srpu_pipelines.analysis.evaluate import load_checked
 
-    model, in_ch = None, params.model.in_channels
+    model, in_ch, embedder, cold_tag = None, params.model.in_channels, None, ""
     if checkpoint is not None:
         model, cfg = load_checked(params, checkpoint)  # on the inference device
         in_ch = cfg["in_channels"]
-    settings = settings_key(params)
+    else:
+        embedder, cold_tag = cold_embedder(params)
+        log.info("cold start: tiles embedded by %s", cold_tag)
+    settings = settings_key(params, cold_tag)
     pool_ids = {it["id"] for it in index.get("pool", [])}
     todo = list(index.get("pool", []))
     if params.active.scores_labeled:
         todo += index["items"]
+    if datasets is not None:  # one part of the fan-out: these sub-datasets only
+        todo = [it for it in todo if it["dataset"] in datasets]
+        pool_ids = {it["id"] for it in index.get("pool", []) if it["dataset"] in datasets}
     computed, kept, failed = 0, 0, []
     rows = []
     for item in tqdm(todo, desc="score pool", disable=not progress, unit="img"):
@@ -300,7 +363,7 @@ def score_pool(
             kept += 1
         else:
             try:
-                rec, emb = score_image(params, item, model, in_ch, model_key)
+                rec, emb = score_image(params, item, model, in_ch, model_key, embedder, settings)
             except ImageReadError as e:
                 log.warning("not scored: %s", e)
                 failed.append({"id": item["id"], "reason": str(e)})
@@ -309,6 +372,7 @@ def score_pool(
             atomic_write_with(npy, lambda tmp, emb=emb: np.save(tmp, emb))
             atomic_write_json(js, rec)  # the record last: it vouches for the .npy
             computed += 1
+            fault_point("score:image")
         if item["id"] not in pool_ids:
             continue
         rows.append(
@@ -326,5 +390,6 @@ def score_pool(
         "images": rows,
         "failed": failed,
     }
-    atomic_write_json(scores_dir(params) / "summary.json", summary)
+    name = "summary.json" if datasets is None else f"summary-{'+'.join(sorted(datasets))}.json"
+    atomic_write_json(scores_dir(params) / name, summary)
     return {**summary, "computed": computed, "kept": kept}

@@ -17,6 +17,7 @@ import numpy as np
 
 from srpu_pipelines.active_learning.scoring import (
     COLD_KEY,
+    cold_tag,
     is_fresh,
     load_embeddings,
     load_record,
@@ -66,7 +67,7 @@ def candidates(
     labelled or awaiting tile (the same pixels must not be labelled twice, perhaps into
     two splits)."""
     a = params.active
-    settings = settings_key(params)
+    settings = settings_key(params, cold_tag(params) if model_key == COLD_KEY else "")
     items = {it["id"]: it for it in index["items"]}
     taken = set(items) | excluded
     boxes: dict[str, list[tuple[int, int, int, int]]] = {}

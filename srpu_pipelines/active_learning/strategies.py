@@ -41,6 +41,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from srpu_pipelines.config import SELECTION_STRATEGIES, UNCERTAINTY_STRATEGIES, ActiveParams
+from srpu_pipelines.errors import InputError, UnknownNameError
 
 MAX_DENSE = 4096  # candidates above this are subsampled (seeded) for the pairwise strategies
 
@@ -191,7 +192,7 @@ REGISTRY: dict[str, type[Strategy]] = {}
 
 def register(cls: type[Strategy]) -> type[Strategy]:
     if cls.name in REGISTRY:
-        raise ValueError(f"selection strategy {cls.name!r} registered twice")
+        raise InputError(f"selection strategy {cls.name!r} registered twice")
     REGISTRY[cls.name] = cls
     return cls
 
@@ -199,7 +200,7 @@ def register(cls: type[Strategy]) -> type[Strategy]:
 def get_strategy(name: str) -> Strategy:
     """The registered strategy ``name`` (an error lists the valid names)."""
     if name not in REGISTRY:
-        raise KeyError(f"unknown selection strategy {name!r}; valid: {', '.join(REGISTRY)}")
+        raise UnknownNameError(f"unknown selection strategy {name!r}; valid: {', '.join(REGISTRY)}")
     return REGISTRY[name]()
 
 
@@ -246,7 +247,7 @@ class WeightedStrategy(Strategy):
         a, k, n = pool.active, pool.k, len(pool.ids)
         missing = sorted(set(a.weights) - set(pool.scores))
         if missing:
-            raise ValueError(f"active.weights names scores the pool records lack: {missing}")
+            raise InputError(f"active.weights names scores the pool records lack: {missing}")
         comb = combined_scores(pool.scores, a.weights, n)
         weighted = sum(a.weights.values()) > 0
         order = sorted(range(n), key=lambda i: (-comb[i], pool.ids[i]))

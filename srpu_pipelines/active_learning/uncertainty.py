@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from srpu_pipelines.config import UNCERTAINTY_STRATEGIES
+from srpu_pipelines.errors import InputError
 
 # (probs (C, H, W), member variance (H, W) or None) -> (H, W)
 PixelMap = Callable[[np.ndarray, np.ndarray | None], np.ndarray]
@@ -57,7 +58,7 @@ def member_variance(members: np.ndarray) -> np.ndarray:
 def variance_map(probs: np.ndarray, member_var: np.ndarray | None = None) -> np.ndarray:
     """4 x the member variance (a variance of probabilities is at most 1/4)."""
     if member_var is None:
-        raise ValueError(
+        raise InputError(
             "the variance strategy needs at least 2 ensemble members "
             "(active.ensemble.members >= 2 and a method other than none)"
         )
@@ -77,7 +78,7 @@ if STRATEGIES != UNCERTAINTY_STRATEGIES:  # params are checked against the confi
 
 def check_strategy(name: str) -> str:
     if name not in STRATEGIES:
-        raise ValueError(f"unknown uncertainty strategy {name!r}; valid: {', '.join(STRATEGIES)}")
+        raise InputError(f"unknown uncertainty strategy {name!r}; valid: {', '.join(STRATEGIES)}")
     return name
 
 

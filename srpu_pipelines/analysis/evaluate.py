@@ -23,6 +23,7 @@ from srpu_pipelines.data.discovery import SIDECARS
 from srpu_pipelines.data.imageio import ImageReadError, is_image_file, read_grey
 from srpu_pipelines.data.index import select_items
 from srpu_pipelines.data.masks import MaskCodec, with_bar
+from srpu_pipelines.errors import InputError, MissingError
 from srpu_pipelines.io.files import atomic_write_json, atomic_write_with
 from srpu_pipelines.models.checkpoint import load_model
 
@@ -34,7 +35,7 @@ def load_checked(params: Params, checkpoint: str | Path) -> tuple[torch.nn.Modul
     the device of ``params.inference`` (eval mode)."""
     model, cfg = load_model(checkpoint)
     if cfg["class_names"] != params.class_names:
-        raise ValueError(
+        raise InputError(
             f"{checkpoint}: trained for classes {cfg['class_names']}, params.classes are "
             f"{params.class_names}"
         )
@@ -141,7 +142,7 @@ def evaluate_checkpoint(
     out = Path(out_dir or params.evaluate.out_dir)
     items = select_items(index, [split])
     if not items:
-        raise ValueError(f"evaluate.split {split!r}: no labelled images in this split")
+        raise InputError(f"evaluate.split {split!r}: no labelled images in this split")
     model, cfg = load_checked(params, checkpoint)
     codec = MaskCodec.from_params(params)
     by_id = {it["id"]: it for it in items}
@@ -214,9 +215,9 @@ def predict_folder(
     src = Path(input_dir or pr.input_dir)
     out = Path(out_dir or pr.out_dir)
     if not src.is_dir():
-        raise FileNotFoundError(f"predict.input_dir: folder {src} not found")
+        raise MissingError(f"predict.input_dir: folder {src} not found")
     if src.resolve() == out.resolve():
-        raise ValueError(f"predict.out_dir must differ from predict.input_dir ({src})")
+        raise InputError(f"predict.out_dir must differ from predict.input_dir ({src})")
     model, cfg = load_checked(params, checkpoint)
     codec = MaskCodec.from_params(params)
     files = sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith("."))

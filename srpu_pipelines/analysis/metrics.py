@@ -15,6 +15,7 @@ import torch
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from srpu_pipelines.config import IGNORE_INDEX
+from srpu_pipelines.errors import InputError
 
 
 class ConfusionAccumulator:
@@ -26,7 +27,7 @@ class ConfusionAccumulator:
 
     def update(self, pred: np.ndarray, truth: np.ndarray) -> None:
         if pred.shape != truth.shape:
-            raise ValueError(f"prediction {pred.shape} and truth {truth.shape} differ in size")
+            raise InputError(f"prediction {pred.shape} and truth {truth.shape} differ in size")
         p = torch.from_numpy(pred.astype(np.int64)).reshape(-1)
         t = torch.from_numpy(truth.astype(np.int64)).reshape(-1)
         self.matrix += multiclass_confusion_matrix(

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from srpu_pipelines.config import IGNORE_INDEX, QuantifyParams
+from srpu_pipelines.errors import InputError, MissingError
 from srpu_pipelines.io.files import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -464,7 +465,7 @@ def quantify(
         if on_image is not None:
             on_image(i + 1)
     if not rows:
-        raise ValueError("quantify: no masks to measure")
+        raise InputError("quantify: no masks to measure")
     datasets = sorted({r["dataset"] for r in rows})
     groups = {d: summarize([r for r in rows if r["dataset"] == d], names, qp) for d in datasets}
     if len(datasets) > 1:
@@ -508,7 +509,7 @@ def from_predictions(predict_dir: Path) -> Iterable[Micrograph]:
 
     listing = predict_dir / "predictions.json"
     if not listing.is_file():
-        raise FileNotFoundError(
+        raise MissingError(
             f"quantify.source predictions: {listing} not found; run `srpu predict` first"
         )
     for e in read_json(listing)["predicted"]:

@@ -12,13 +12,15 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from srpu_pipelines.errors import InputError
+
 _UNITS = [(1e6, "mm"), (1e3, "µm"), (1.0, "nm")]
 
 
 def nice_length_nm(pixel_size_nm: float, width_px: int, share: float = 0.2) -> float:
     """The 1-2-5 length in nm nearest below ``share`` of the picture's width."""
     if pixel_size_nm <= 0 or width_px <= 0:
-        raise ValueError(f"scale bar: pixel size {pixel_size_nm} nm and width {width_px} px")
+        raise InputError(f"scale bar: pixel size {pixel_size_nm} nm and width {width_px} px")
     want = pixel_size_nm * width_px * share
     exp = math.floor(math.log10(want))
     for step in (5, 2, 1):

@@ -12,15 +12,7 @@ from srpu_pipelines.pipeline.active import run_record_round, run_score, run_sele
 from srpu_pipelines.resources.dagster_resources import MlflowResource, ParamsResource
 
 
-@dg.asset(
-    group_name="active_learning",
-    deps=["dataset_index", "champion_model"],
-    description="Uncertainty of every pool image and tile under the champion (srpu score); "
-    "only scores made by another model, or of changed images, are recomputed.",
-)
-def uncertainty_scores(params: ParamsResource, mlflow: MlflowResource) -> dg.MaterializeResult:
-    p = params.load()
-    res = run_score(p, mlflow.tracker(p), progress=False)
+def _scores_metadata(p, res: dict[str, Any]) -> dict[str, Any]:
     agg = p.active.aggregation
     strategies = list(p.active.strategies)
     rows = [f"| image | {' | '.join(strategies)} |", "| --- |" + " ---: |" * len(strategies)]
@@ -32,16 +24,57 @@ def uncertainty_scores(params: ParamsResource, mlflow: MlflowResource) -> dg.Mat
         rows.append(
             f"| {r['id']} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals) + " |"
         )
-    return dg.MaterializeResult(
-        metadata={
-            "model_key": res["model_key"],
-            "pool_images": len(res["images"]),
-            "computed": res["computed"],
-            "kept": res["kept"],
-            "failed": len(res["failed"]),
-            f"scores ({agg}, top 25 by {strategies[0]})": dg.MetadataValue.md("\n".join(rows)),
-        }
+    return {
+        "model_key": res["model_key"],
+        "pool_images": len(res["images"]),
+        "computed": res["computed"],
+        "kept": res["kept"],
+        "failed": len(res["failed"]),
+        f"scores ({agg}, top 25 by {strategies[0]})": dg.MetadataValue.md("\n".join(rows)),
+    }
+
+
+def _part_asset(name: str) -> dg.AssetsDefinition:
+    @dg.asset(
+        name=f"uncertainty_scores_{name}",
+        group_name="active_learning",
+        deps=["dataset_index", "champion_model"],
+        description=f"Pool scoring of sub-dataset {name!r} (active.scoring_fanout: "
+        "per_dataset): resumable, and run in parallel with the others by a multiprocess "
+        "executor.",
     )
+    def _part(params: ParamsResource, mlflow: MlflowResource) -> dg.MaterializeResult:
+        p = params.load()
+        return dg.MaterializeResult(
+            metadata=_scores_metadata(p, run_score(p, mlflow.tracker(p), False, {name}))
+        )
+
+    return _part
+
+
+def scoring_assets(params) -> list[dg.AssetsDefinition]:
+    """``uncertainty_scores``; with ``active.scoring_fanout: per_dataset`` also one asset
+    per sub-dataset before it (it then finds every record fresh and writes the summary)."""
+    parts = (
+        [_part_asset(d.name) for d in params.data.datasets]
+        if params.active.scoring_fanout == "per_dataset"
+        else []
+    )
+
+    @dg.asset(
+        name="uncertainty_scores",
+        group_name="active_learning",
+        deps=["dataset_index", "champion_model", *(a.key for a in parts)],
+        description="Uncertainty of every pool image and tile under the champion (srpu "
+        "score); only scores made by another model, or of changed images, are recomputed.",
+    )
+    def uncertainty_scores(params: ParamsResource, mlflow: MlflowResource) -> dg.MaterializeResult:
+        p = params.load()
+        return dg.MaterializeResult(
+            metadata=_scores_metadata(p, run_score(p, mlflow.tracker(p), progress=False))
+        )
+
+    return [*parts, uncertainty_scores]
 
 
 def batch_table(summary: dict[str, Any]) -> str:

@@ -76,8 +76,14 @@ def champion_model(params: ParamsResource, mlflow: MlflowResource) -> dg.Materia
     # decision where `srpu promote` (DVC) writes it
     g = run_promote(p, tracker)
     mv = tracker.get_alias(CHAMPION)
+    chain = ""
+    if mv is not None:
+        from srpu_pipelines.pipeline.lineage import format_lineage, lineage
+
+        chain = format_lineage(lineage(tracker, f"models:/{tracker.registered_model}@champion"))
     return dg.MaterializeResult(
         metadata={
+            "lineage": dg.MetadataValue.md(f"```\n{chain}\n```" if chain else "no champion"),
             "registered_model": tracker.registered_model,
             "version": mv.version if mv else None,
             "promoted": g["passed"],

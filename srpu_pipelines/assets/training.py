@@ -29,6 +29,29 @@ class StageRunConfig(dg.Config):
     )
 
 
+def _epoch_events(context: dg.AssetExecutionContext):
+    """Per-epoch progress while a stage trains: a log line and an asset observation (loss,
+    val mIoU, steps/s, ETA), which the Dagster UI shows as the run goes."""
+
+    def on_epoch(rec: dict) -> None:
+        val = f", val mIoU {rec['val_miou']:.4f}" if "val_miou" in rec else ""
+        context.log.info(
+            f"epoch {rec['epoch']}: step {rec['step']}/{rec['total_steps']}, loss "
+            f"{rec['loss']:.4f}{val}, {rec['steps_per_s']:.2f} steps/s, ETA {rec['eta_s']:.0f} s"
+        )
+        meta = {
+            k: float(rec[k])
+            for k in ("loss", "val_miou", "steps_per_s", "eta_s", "lr")
+            if k in rec and rec[k] == rec[k]
+        }
+        meta.update(
+            epoch=int(rec["epoch"]), step=int(rec["step"]), total_steps=int(rec["total_steps"])
+        )
+        context.log_event(dg.AssetObservation(asset_key=context.asset_key, metadata=meta))
+
+    return on_epoch
+
+
 def _stage_asset(params: Params, i: int) -> dg.AssetsDefinition:
     st = params.stages[i]
     deps = ["dataset_index"]
@@ -68,7 +91,7 @@ def _stage_asset(params: Params, i: int) -> dg.AssetsDefinition:
                 )
             context.log.info("stage %s trained in %d processes", name, config.nproc)
         # after a data-parallel run this finds the stage done and returns its record
-        out = run_stage(p, tracker, name, progress=False)
+        out = run_stage(p, tracker, name, progress=False, callbacks=[_epoch_events(context)])
         res = out["result"]
         last = res.history[-1] if res.history else {}
         meta = {

@@ -34,6 +34,7 @@ from srpu_pipelines.data.fingerprint import item_stats
 from srpu_pipelines.data.imageio import read_raw, to_grey
 from srpu_pipelines.data.index import build_index, select_items
 from srpu_pipelines.data.masks import MaskCodec, class_fractions, item_mask
+from srpu_pipelines.errors import InputError
 from srpu_pipelines.io.files import atomic_write_json, atomic_write_with, read_json, sha256_file
 from srpu_pipelines.training.trainer import train_stage
 
@@ -155,15 +156,15 @@ def bench_al(
     counts = {"seeds": seeds, "rounds": rounds, "per-round": per_round, "initial": initial}
     for name, value in {**counts, "steps": steps}.items():
         if value < 1:
-            raise ValueError(f"bench al: --{name} must be >= 1, got {value}")
+            raise InputError(f"bench al: --{name} must be >= 1, got {value}")
     unknown = [a for a in arms if a not in AL_ARMS]
     if unknown:
-        raise ValueError(f"bench al: unknown arms {unknown}; valid: {', '.join(AL_ARMS)}")
+        raise InputError(f"bench al: unknown arms {unknown}; valid: {', '.join(AL_ARMS)}")
     base = build_index(params, show_progress=False)
     tiles = cap_tiles(cut_tiles(params, base, work_dir / "tiles"), max_tiles)
     n_tiles = len(tiles)
     if initial + rounds * per_round > n_tiles:
-        raise ValueError(
+        raise InputError(
             f"bench al: {initial} + {rounds} x {per_round} tiles asked, {n_tiles} available"
         )
     test_split = params.evaluate.split

@@ -31,6 +31,7 @@ from srpu_pipelines.bench.common import on_demo_data, peer_layout, run_peer, run
 from srpu_pipelines.compute import flops as F
 from srpu_pipelines.compute.device import Runtime, resolve_runtime, set_threads
 from srpu_pipelines.config import LoopParams, ModelParams, Params
+from srpu_pipelines.errors import InputError, MissingError
 from srpu_pipelines.training.loop import Task, run_task
 from srpu_pipelines.training.plan import plan_model, plan_stage
 from srpu_pipelines.training.trainer import StageTask
@@ -123,7 +124,7 @@ def bench_speed(
 ) -> dict[str, Any]:
     """Run every arm for every seed (interleaved) and report throughput (see module doc)."""
     if steps < 1:
-        raise ValueError(f"bench speed: --steps must be >= 1, got {steps}")
+        raise InputError(f"bench speed: --steps must be >= 1, got {steps}")
     work_dir = Path(work_dir)
     p, index = on_demo_data(params, work_dir)
     rt = resolve_runtime(p.train.device, p.train.precision, p.train.channels_last, "train")
@@ -142,7 +143,7 @@ def bench_speed(
     peer_data = None
     if "peer" in arms:
         if peer_script is None or not peer_script.is_file():
-            raise FileNotFoundError(f"bench speed: peer script {peer_script} not found")
+            raise MissingError(f"bench speed: peer script {peer_script} not found")
         flops["peer"] = peer_step_flops(p.num_classes, work_dir / "peer_flops")
         peer_data = peer_layout(p, index, work_dir / "peer_data", ["train"], ["val", "test"])
     rows = []

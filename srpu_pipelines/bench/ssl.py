@@ -12,6 +12,7 @@ from srpu_pipelines.analysis.evaluate import evaluate_checkpoint
 from srpu_pipelines.bench.common import drop_weights, run_setup, spread, subset_index
 from srpu_pipelines.config import Params, pretrain_setup
 from srpu_pipelines.data.index import build_index, select_items
+from srpu_pipelines.errors import InputError
 from srpu_pipelines.training.plan import plan_model
 from srpu_pipelines.training.pretrain import pretrain_mae, pretrain_summary
 from srpu_pipelines.training.trainer import train_stage
@@ -46,7 +47,7 @@ def bench_ssl(
         params = params.model_copy(update={"model": mp})
     train_ids = sorted(it["id"] for it in select_items(index, ["train"]))
     if max(ks) > len(train_ids):
-        raise ValueError(f"bench ssl: k up to {max(ks)} but the train split has {len(train_ids)}")
+        raise InputError(f"bench ssl: k up to {max(ks)} but the train split has {len(train_ids)}")
     mae_info: dict[str, Any] = {}
     encoder = None
     if any(a.startswith("mae") for a in arms):

@@ -16,6 +16,7 @@ from srpu_pipelines.analysis.evaluate import evaluate_checkpoint
 from srpu_pipelines.bench.common import drop_weights, peer_layout, run_peer, run_setup, spread
 from srpu_pipelines.config import Params
 from srpu_pipelines.data.index import build_index
+from srpu_pipelines.errors import InputError, MissingError
 from srpu_pipelines.io.files import atomic_write_json, read_json
 from srpu_pipelines.training.trainer import train_stage
 
@@ -139,9 +140,9 @@ def bench_supervised(
     images, one run after the other, never side by side in time (they would share the
     cores)."""
     if peer_script is not None and not peer_script.is_file():
-        raise FileNotFoundError(f"bench supervised: peer script {peer_script} not found")
+        raise MissingError(f"bench supervised: peer script {peer_script} not found")
     if peer_script is not None and budget_s and steps:
-        raise ValueError(
+        raise InputError(
             "bench supervised --peer: give --budget-s or --steps, not both (the peer loop "
             "takes one budget)"
         )

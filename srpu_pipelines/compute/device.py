@@ -24,11 +24,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from srpu_pipelines.errors import UserError
+
 log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
-class DeviceError(ValueError):
+class DeviceError(UserError, ValueError):
     """A device or precision that this machine cannot provide (names the params key)."""
 
 

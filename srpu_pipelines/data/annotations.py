@@ -27,9 +27,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from srpu_pipelines.config import IGNORE_INDEX
+from srpu_pipelines.errors import UserError
 
 
-class AnnotationError(ValueError):
+class AnnotationError(UserError, ValueError):
     """An annotation file that cannot be turned into a mask; the message names it."""
 
 

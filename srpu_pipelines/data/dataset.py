@@ -19,6 +19,7 @@ from tqdm import tqdm
 from srpu_pipelines.config import IGNORE_INDEX, AugmentParams
 from srpu_pipelines.data.imageio import read_grey
 from srpu_pipelines.data.masks import MaskCodec, item_mask
+from srpu_pipelines.errors import InputError
 
 _MAX_COORDS = 4096  # per image and class, for class-centred crops
 
@@ -72,7 +73,7 @@ def load_samples(
         img = read_grey(Path(it["image"]))
         mask = item_mask(it, codec)  # the data bar, if any, not labelled
         if img.shape != mask.shape:
-            raise ValueError(f"{it['mask']}: mask size {mask.shape} differs from image {img.shape}")
+            raise InputError(f"{it['mask']}: mask size {mask.shape} differs from image {img.shape}")
         bar = int(it.get("data_bar_rows") or 0)
         rows = img.shape[0] - bar
         img = stretch(img[:rows])
@@ -129,7 +130,7 @@ class TileSampler(torch.utils.data.Dataset):
         seed: int,
     ):
         if not samples:
-            raise ValueError("no training images: check train.splits and the dataset index")
+            raise InputError("no training images: check train.splits and the dataset index")
         self.samples, self.tile, self.length = samples, tile, length
         self.rare_crop_prob, self.seed = rare_crop_prob, seed
         self.aug = build_augment(augment)

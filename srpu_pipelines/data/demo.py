@@ -20,6 +20,7 @@ from PIL import Image
 
 from srpu_pipelines.config import IGNORE_INDEX, Params
 from srpu_pipelines.data.masks import MaskCodec
+from srpu_pipelines.errors import InputError
 from srpu_pipelines.io.files import atomic_write_with
 
 AM, SE, CARBON = 0, 1, 2  # class indices in the demo params
@@ -136,10 +137,10 @@ def generate_demo(params: Params) -> dict[str, int]:
     """
     d = params.demo
     if params.num_classes != 3:
-        raise ValueError("demo data has 3 phases: params.classes must list 3 classes")
+        raise InputError("demo data has 3 phases: params.classes must list 3 classes")
     codec = MaskCodec.from_params(params)
     if codec.ignore_color is None and d.info_bar:
-        raise ValueError("demo.info_bar > 0 needs mask.ignore_color to mark the bar as unlabelled")
+        raise InputError("demo.info_bar > 0 needs mask.ignore_color to mark the bar as unlabelled")
     root = Path(d.out_dir)
     written = kept = 0
 

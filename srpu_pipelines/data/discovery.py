@@ -14,6 +14,7 @@ from pathlib import Path
 
 from srpu_pipelines.config import DatasetSpec
 from srpu_pipelines.data.imageio import IMAGE_EXTENSIONS, is_image_file
+from srpu_pipelines.errors import MissingError
 
 SIDECARS = (".txt", ".TXT")  # calibration text files beside their images (data/calibration.py)
 
@@ -112,14 +113,12 @@ def find_labeled(spec: DatasetSpec, suffix: str) -> tuple[list[Pair], list[Probl
         return [], problems
     folder = Path(spec.labeled)
     if not folder.is_dir():
-        raise FileNotFoundError(f"data.datasets[{spec.name}].labeled: folder {folder} not found")
+        raise MissingError(f"data.datasets[{spec.name}].labeled: folder {folder} not found")
     files = _split_images(folder, problems, "labelled")
     if spec.masks is not None:
         mask_dir = Path(spec.masks)
         if not mask_dir.is_dir():
-            raise FileNotFoundError(
-                f"data.datasets[{spec.name}].masks: folder {mask_dir} not found"
-            )
+            raise MissingError(f"data.datasets[{spec.name}].masks: folder {mask_dir} not found")
         images = files
         masks = {}
         for stem, p in _split_images(mask_dir, problems, "mask").items():
@@ -154,6 +153,6 @@ def find_pool(spec: DatasetSpec) -> tuple[list[PoolImage], list[Problem]]:
         return [], problems
     folder = Path(spec.raw)
     if not folder.is_dir():
-        raise FileNotFoundError(f"data.datasets[{spec.name}].raw: folder {folder} not found")
+        raise MissingError(f"data.datasets[{spec.name}].raw: folder {folder} not found")
     imgs = _split_images(folder, problems, "pool")
     return [PoolImage(spec.name, s, p) for s, p in sorted(imgs.items())], problems

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from srpu_pipelines.errors import InputError
+
 FINGERPRINT_VERSION = 1
 _EIGHT = np.ones((3, 3), dtype=bool)
 
@@ -149,12 +151,12 @@ def fingerprint(
 
     Raises ValueError naming an item without stats (an index from an older SRPU)."""
     if not items:
-        raise ValueError("fingerprint: no labelled images selected")
+        raise InputError("fingerprint: no labelled images selected")
     per: list[dict[str, Any]] = []
     for it in items:
         st = it.get("stats")
         if not st or st.get("version") != FINGERPRINT_VERSION:
-            raise ValueError(
+            raise InputError(
                 f"index entry {it.get('id')!r} has no fingerprint statistics (an index "
                 "written by an older SRPU): run `srpu index` again"
             )

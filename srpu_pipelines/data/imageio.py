@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from srpu_pipelines.errors import UserError
+
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey stripe
 Image.MAX_IMAGE_PIXELS = 40_000 * 40_000
@@ -22,7 +24,7 @@ logging.getLogger("tifffile").setLevel(logging.ERROR)
 log = logging.getLogger(__name__)
 
 
-class ImageReadError(ValueError):
+class ImageReadError(UserError, ValueError):
     """A file that cannot be used as an image; the message names it and says why."""
 
 

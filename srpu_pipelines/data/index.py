@@ -35,6 +35,7 @@ from srpu_pipelines.data.masks import (
     item_mask,
     with_bar,
 )
+from srpu_pipelines.errors import InputError, MissingError, UserError
 from srpu_pipelines.io.files import atomic_write_json, read_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ SPLITS = ("train", "val", "test")
 INDEX_VERSION = 3  # 2: fingerprint statistics; 3: pixel size, data bar, snapped pixels
 
 
-class BadInputError(ValueError):
+class BadInputError(UserError, ValueError):
     """Input files that cannot be used; lists every file and its problem."""
 
     def __init__(self, problems: list[Problem]):
@@ -230,30 +231,63 @@ def assign_splits(
     return out
 
 
-def _previous_splits(index_path: Path) -> dict[str, str]:
-    """Split of every id the existing index knows: current items and remembered ones."""
-    if not index_path.is_file():
-        return {}
-    try:
-        old = read_json(index_path)
-        out = dict(old.get("split_memory", {}))
-        out.update({it["id"]: it["split"] for it in old.get("items", [])})
-        return out
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(
-            f"{index_path}: existing index is unreadable ({e}); move it away to rebuild "
-            "splits from scratch"
-        ) from None
+def _previous_splits(index_path: Path, record: Path | None = None) -> dict[str, str]:
+    """Split of every id given one before: the existing index's (current items and
+    remembered ones), then the split record's (``data.split.record``, versioned with the
+    labels), which wins where they differ: it is the labels' own version."""
+    out: dict[str, str] = {}
+    if index_path.is_file():
+        try:
+            old = read_json(index_path)
+            out.update(old.get("split_memory", {}))
+            out.update({it["id"]: it["split"] for it in old.get("items", [])})
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise InputError(
+                f"{index_path}: existing index is unreadable ({e}); move it away to rebuild "
+                "splits from scratch"
+            ) from None
+    if record is not None and record.is_file():
+        out.update(read_split_record(record))
+    return out
+
+
+def read_split_record(path: Path) -> dict[str, str]:
+    """The split record: ``{"version": 1, "splits": {image id: split}}``."""
+    data = read_json(path)
+    splits = data.get("splits") if isinstance(data, dict) else None
+    if not isinstance(splits, dict) or not all(
+        isinstance(k, str) and v in SPLITS for k, v in splits.items()
+    ):
+        raise InputError(
+            f"{path}: not an SRPU split record (expected {{'version': 1, 'splits': {{id: "
+            f"one of {', '.join(SPLITS)}}}}}); restore it from git or DVC "
+            "(`dvc checkout`), or move it away to let srpu index assign splits afresh"
+        )
+    return dict(splits)
+
+
+def write_split_record(index: dict[str, Any], path: str | Path) -> bool:
+    """Write the split of every image the index holds or remembers to ``path``
+    (atomically, sorted, so that git and DVC see a change only when a split changes);
+    return False (touching nothing) when it is unchanged."""
+    path = Path(path)
+    splits = dict(index.get("split_memory", {}))
+    splits.update({it["id"]: it["split"] for it in index["items"]})
+    record = {"version": 1, "splits": dict(sorted(splits.items()))}
+    if path.is_file() and read_json(path) == record:
+        return False
+    atomic_write_json(path, record)
+    return True
 
 
 def _load_split_file(path: Path) -> dict[str, str]:
     data = read_json(path)
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: split file must map split names to lists of image names")
+        raise InputError(f"{path}: split file must map split names to lists of image names")
     out: dict[str, str] = {}
     for split, names in data.items():
         if not isinstance(names, list):
-            raise ValueError(f"{path}: split {split!r} must be a list of names")
+            raise InputError(f"{path}: split {split!r} must be a list of names")
         for n in names:
             name = str(n)
             if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
@@ -302,7 +336,7 @@ def build_index(params: Params, show_progress: bool = True) -> dict[str, Any]:
     for p in problems:
         log.warning("skipped %s", p)
 
-    previous = _previous_splits(Path(params.data.index_path))
+    previous = _previous_splits(Path(params.data.index_path), params.data.split.record)
     explicit = None
     unmatched: list[str] = []
     if params.data.split.split_file is not None:
@@ -355,10 +389,10 @@ def write_index(index: dict[str, Any], path: str | Path) -> bool:
 def load_index(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: dataset index not found; run `srpu index` first")
+        raise MissingError(f"{path}: dataset index not found; run `srpu index` first")
     idx = read_json(path)
     if not isinstance(idx, dict) or idx.get("version") != INDEX_VERSION or "items" not in idx:
-        raise ValueError(
+        raise InputError(
             f"{path}: not an SRPU dataset index of version {INDEX_VERSION} (found version "
             f"{idx.get('version') if isinstance(idx, dict) else None!r}): run `srpu index` "
             "to rebuild it (splits are kept)"

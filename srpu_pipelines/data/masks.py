@@ -14,10 +14,11 @@ from PIL import Image
 
 from srpu_pipelines.config import IGNORE_INDEX, Params
 from srpu_pipelines.data.imageio import ImageReadError, read_raw
+from srpu_pipelines.errors import UserError
 from srpu_pipelines.io.files import atomic_write_with
 
 
-class MaskDecodeError(ValueError):
+class MaskDecodeError(UserError, ValueError):
     """A mask whose pixels do not decode to classes; the message names the file."""
 
 

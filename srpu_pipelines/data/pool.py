@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from srpu_pipelines.data.dataset import read_sample
+from srpu_pipelines.errors import InputError
 
 
 def unlabeled_paths(
@@ -75,7 +76,7 @@ class UnlabeledTiles(torch.utils.data.Dataset):
         bars: dict[str, int] | None = None,
     ) -> None:
         if not paths:
-            raise ValueError(
+            raise InputError(
                 "no unlabelled images: the index has no pool images (data.datasets raw "
                 f"folders) and no labelled images in the splits named for unlabelled use{source}"
             )

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from srpu_pipelines.errors import InputError, MissingError
 from srpu_pipelines.io.files import atomic_write_json, atomic_write_with, read_json
 from srpu_pipelines.models.factory import create_model, unused_stage_keys
 
@@ -68,18 +69,18 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(payload, config) of a checkpoint; errors name the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found; train a model first")
+        raise MissingError(f"{path}: checkpoint not found; train a model first")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a damaged file
-        raise ValueError(f"{path}: damaged or not an SRPU checkpoint ({e})") from None
+        raise InputError(f"{path}: damaged or not an SRPU checkpoint ({e})") from None
     if not isinstance(payload, dict) or "model" not in payload:
-        raise ValueError(f"{path}: not an SRPU checkpoint (no 'model' state_dict)")
+        raise InputError(f"{path}: not an SRPU checkpoint (no 'model' state_dict)")
     if isinstance(payload.get("config"), dict):
         return payload, payload["config"]
     cfg_path = path.with_suffix(".json")
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path}: checkpoint config missing beside {path.name}")
+        raise MissingError(f"{cfg_path}: checkpoint config missing beside {path.name}")
     return payload, read_json(cfg_path)
 
 
@@ -104,6 +105,6 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not fit the config beside it ({e})") from None
+        raise InputError(f"{path}: weights do not fit the config beside it ({e})") from None
     model.eval()
     return model, config

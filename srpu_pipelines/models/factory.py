@@ -14,6 +14,8 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
+from srpu_pipelines.errors import InputError, MissingError, UnknownNameError
+
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "unet": smp.Unet,
     "unetplusplus": smp.UnetPlusPlus,
@@ -31,11 +33,6 @@ _DEPTH_ARCHS = {"unet", "unetplusplus", "manet", "linknet"}
 def is_vit_encoder(name: str) -> bool:
     """ViT-family timm encoders (``tu-vit_*``, ``tu-deit*`` ...): the DPT architecture's."""
     return name.removeprefix("tu-").startswith(("vit_", "deit", "eva", "beit"))
-
-
-class UnknownNameError(KeyError):
-    def __str__(self) -> str:  # KeyError quotes its message; show it plainly
-        return str(self.args[0])
 
 
 @functools.cache
@@ -86,20 +83,20 @@ def create_model(
     )
     if arch == "dpt":
         if not is_vit_encoder(encoder):
-            raise ValueError(
+            raise InputError(
                 f"model.encoder: dpt needs a ViT encoder (e.g. tu-vit_tiny_patch16_224), "
                 f"got {encoder!r}"
             )
         kw["dynamic_img_size"] = True  # timm ViT at any multiple of its patch size
         if encoder_depth != 4:
-            raise ValueError("model.encoder_depth: dpt needs 4 (ViT blocks it reads out)")
+            raise InputError("model.encoder_depth: dpt needs 4 (ViT blocks it reads out)")
     elif encoder_depth != 5 and arch not in _DEPTH_ARCHS:
-        raise ValueError(
+        raise InputError(
             f"model.encoder_depth: {arch!r} needs 5; other depths work with {sorted(_DEPTH_ARCHS)}"
         )
     if decoder_channels is not None:
         if arch not in _DECODER_CHANNELS_ARCHS:
-            raise ValueError(
+            raise InputError(
                 f"model.decoder_channels applies to {sorted(_DECODER_CHANNELS_ARCHS)}, not {arch!r}"
             )
         kw["decoder_channels"] = tuple(decoder_channels)
@@ -147,14 +144,14 @@ def load_weights(model: nn.Module, path: str | Path, require: str | None = None)
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"model.weights: {path} not found")
+        raise MissingError(f"model.weights: {path} not found")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a bad file; name the file
-        raise ValueError(f"model.weights: {path} is not a loadable state_dict ({e})") from None
+        raise InputError(f"model.weights: {path} is not a loadable state_dict ({e})") from None
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
-        raise ValueError(f"model.weights: {path} holds no state_dict")
+        raise InputError(f"model.weights: {path} holds no state_dict")
     own = model.state_dict()
     target = (
         own
@@ -165,10 +162,10 @@ def load_weights(model: nn.Module, path: str | Path, require: str | None = None)
         state = {f"encoder.{k}": v for k, v in state.items()}
     matched = {k: v for k, v in state.items() if k in own}
     if not matched:
-        raise ValueError(f"model.weights: no tensor in {path} matches this model/encoder")
+        raise InputError(f"model.weights: no tensor in {path} matches this model/encoder")
     bad = [k for k, v in matched.items() if v.shape != own[k].shape]
     if bad:
-        raise ValueError(
+        raise InputError(
             f"model.weights: {path}: shape mismatch for {len(bad)} tensors, e.g. {bad[0]} "
             f"{tuple(matched[bad[0]].shape)} vs {tuple(own[bad[0]].shape)}"
         )
@@ -182,7 +179,7 @@ def load_weights(model: nn.Module, path: str | Path, require: str | None = None)
     need = {"encoder": enc, "model": list(own), None: []}[require]
     missing = [k for k in need if k not in matched]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"{path}: only {len(need) - len(missing)} of {len(need)} {require} tensors of this "
             f"model are in the file (missing e.g. {missing[0]}); it was saved for another "
             "model.arch/encoder/in_channels/encoder_depth"
@@ -194,7 +191,7 @@ def load_weights(model: nn.Module, path: str | Path, require: str | None = None)
 def model_from_params(p: Any, num_classes: int, weights: str | Path | None = None) -> nn.Module:
     """``create_model`` from a ``ModelParams``; ``weights`` overrides ``p.weights``."""
     if p.encoder == "auto" or p.decoder_channels == "auto":
-        raise ValueError(
+        raise InputError(
             "model: auto is not planned yet (training/plan.py plan_model picks the encoder "
             "and decoder widths from the data and the budget before a model is built)"
         )

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from srpu_pipelines.config import Params
+from srpu_pipelines.errors import InputError
 from srpu_pipelines.io.files import sha256_file_cached
 from srpu_pipelines.pipeline.steps import CHAMPION, final_dir
 from srpu_pipelines.resources.tracking import Tracker
@@ -43,7 +44,7 @@ def scoring_model(params: Params, tracker: Tracker | None) -> tuple[Path | None,
             ckpt, key = best, "checkpoint"
     if ckpt is None:
         if a.cold_start == "never":
-            raise ValueError(
+            raise InputError(
                 "active.cold_start: never, but there is no champion model to score with: "
                 "train and promote one first (srpu train, srpu promote)"
             )
@@ -51,14 +52,24 @@ def scoring_model(params: Params, tracker: Tracker | None) -> tuple[Path | None,
     return ckpt, f"{key}:{sha256_file_cached(ckpt)[:12]}"
 
 
-def run_score(params: Params, tracker: Tracker | None, progress: bool = True) -> dict[str, Any]:
-    """Score the pool; only images whose stored scores are stale are recomputed."""
+def run_score(
+    params: Params,
+    tracker: Tracker | None,
+    progress: bool = True,
+    datasets: set[str] | None = None,
+) -> dict[str, Any]:
+    """Score the pool (or the sub-datasets ``datasets`` of it: one part of the fan-out);
+    only images whose stored scores are stale are recomputed."""
+    import torch
+
     from srpu_pipelines.active_learning.scoring import score_pool
     from srpu_pipelines.data.index import load_index
 
+    if params.active.scoring_threads:
+        torch.set_num_threads(params.active.scoring_threads)
     ckpt, key = scoring_model(params, tracker)
     index = load_index(params.data.index_path)
-    out = score_pool(params, index, ckpt, key, progress=progress)
+    out = score_pool(params, index, ckpt, key, progress=progress, datasets=datasets)
     log.info("scored %d pool images, kept %d (model %s)", out["computed"], out["kept"], key)
     return out
 
@@ -123,12 +134,12 @@ def run_select(params: Params, tracker: Tracker | None) -> dict[str, Any]:
     awaiting = awaiting_ids(params, index)
     cands, unscored, centres = candidates(params, index, key, awaiting)
     if unscored:
-        raise ValueError(
+        raise InputError(
             f"{len(unscored)} image(s) have no scores from model {key} "
             f"(e.g. {unscored[:3]}): run `srpu score` (or materialize uncertainty_scores) first"
         )
     if not cands:
-        raise ValueError(
+        raise InputError(
             "nothing left to select: every pool image is labelled or awaiting correction "
             f"({len(awaiting)} awaiting)"
         )
@@ -161,6 +172,7 @@ def run_record_round(
 
     from srpu_pipelines.active_learning.history import (
         append_history,
+        next_round,
         read_history,
         stop_reason,
     )
@@ -192,7 +204,7 @@ def run_record_round(
     folders = dict(round_folders(params))
     selected = [s["id"] for s in load_summary(folders[selected_round])["selected"]]
     entry = {
-        "round": len(history) + 1,
+        "round": next_round(history),
         "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "labeled_revision": revision,
         "labeled_count": len(ids),
@@ -205,6 +217,13 @@ def run_record_round(
         "val_miou_before": before,
         "val_miou_after": after,
         "test_miou": test.get("miou"),
+        # per sub-dataset, on the same fixed images every round (ids below)
+        "test_miou_per_dataset": {
+            ds: sc.get("miou") for ds, sc in test.get("per_dataset", {}).items()
+        },
+        "test_split": test.get("split"),
+        "test_ids": sorted(e["id"] for e in test.get("per_image", [])),
+        "val_ids": sorted(it["id"] for it in index["items"] if it["split"] == "val"),
         "selected_round": selected_round,
         "selected": selected,
     }
@@ -220,6 +239,13 @@ def run_record_round(
             )
             if entry[k] is not None
         }
+        metrics.update(
+            {
+                f"test_miou.{ds}": float(v)
+                for ds, v in entry["test_miou_per_dataset"].items()
+                if v is not None
+            }
+        )
         with tracker.start_run(
             f"active_learning_round_{entry['round']}",
             {"active": params.active.model_dump(mode="json"), "corrected": corrected},

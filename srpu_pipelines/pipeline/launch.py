@@ -16,6 +16,7 @@ from pathlib import Path
 
 from srpu_pipelines.compute.distributed import launch_command, launch_env
 from srpu_pipelines.config import Params
+from srpu_pipelines.errors import InputError
 from srpu_pipelines.resources.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ def pinned_inits(params: Params, tracker: Tracker | None, stages: list[str]) -> 
     for i, st in enumerate(params.stages):
         if st.name in stages and st.init_kind == "alias":
             if tracker is None:
-                raise ValueError(
+                raise InputError(
                     f"stage {st.name!r}: init {st.init!r} needs the model registry "
                     "(tracking.enabled: true)"
                 )

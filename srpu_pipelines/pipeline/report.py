@@ -13,7 +13,7 @@ from srpu_pipelines.resources.tracking import MlflowTracker
 
 def main(params_path: str = "params.yaml") -> int:
     params = load_params(params_path)
-    lines = ["", "=" * 72, "SRPU demo finished", "=" * 72]
+    lines = ["-" * 30 + " SRPU demo finished " + "-" * 30]
     if params.tracking.enabled:
         t = MlflowTracker(params.tracking)
         champ = t.get_alias(CHAMPION)
@@ -32,11 +32,9 @@ def main(params_path: str = "params.yaml") -> int:
                 if k.startswith(pre + "iou.")
             }
             if test:
-                lines.append(f"champion {params.evaluate.split} IoU per class:")
-                lines += [f"  {k:<24}{v:.4f}" for k, v in test.items()]
-                lines.append(
-                    f"  {'mean':<24}{run.data.metrics.get(pre + 'miou', float('nan')):.4f}"
-                )
+                per = ", ".join(f"{k} {v:.4f}" for k, v in test.items())
+                mean = run.data.metrics.get(pre + "miou", float("nan"))
+                lines.append(f"champion {params.evaluate.split} IoU: {per} (mean {mean:.4f})")
     metrics = Path(params.evaluate.out_dir) / "metrics.json"
     if metrics.is_file():
         m = read_json(metrics)
@@ -54,19 +52,17 @@ def main(params_path: str = "params.yaml") -> int:
     if rounds:
         n, folder = rounds[-1]
         s = load_summary(folder)
-        lines.append(f"active learning round {n}: label these next ({folder}):")
-        lines += [f"  {it['rank']}. {it['id']}" for it in s["selected"]]
+        picks = ", ".join(it["id"] for it in s["selected"])
+        lines.append(f"active learning round {n}: label these next ({folder}): {picks}")
         lines.append(f"  {s['how_to']}")
         lines.append(
             "  With `make ui` running, the new_masks_sensor starts the next round once "
             f"{params.active.min_new_masks} corrected masks are in."
         )
     lines += [
-        "",
-        "Look at it:",
-        "  Dagster UI:  make ui         (http://127.0.0.1:3000, asset graph and metadata)",
-        "  MLflow UI:   make mlflow-ui  (http://127.0.0.1:5000, runs and the model registry)",
-        "  Same pipeline through DVC:   make repro   (or `dvc repro` with .venv activated)",
+        "Look at it: make ui (Dagster, http://127.0.0.1:3000), make mlflow-ui (MLflow, "
+        "http://127.0.0.1:5000); the same pipeline through DVC: make repro",
+        "Where the champion comes from: .venv/bin/srpu lineage",
     ]
     print("\n".join(lines))
     return 0

@@ -16,6 +16,8 @@ from typing import Any
 
 from srpu_pipelines.compute.distributed import is_main_process
 from srpu_pipelines.config import Params
+from srpu_pipelines.errors import InputError, MissingError, NotFoundError
+from srpu_pipelines.io.faults import fault_point
 from srpu_pipelines.io.files import atomic_write_json, read_json, sha256_file
 from srpu_pipelines.resources.tracking import ModelVersion, Tracker, flat_metrics
 
@@ -73,9 +75,11 @@ def mae_record_path(params: Params) -> Path:
 
 
 def run_index(params: Params, progress: bool = True) -> dict[str, Any]:
-    from srpu_pipelines.data.index import build_index, write_index
+    from srpu_pipelines.data.index import build_index, write_index, write_split_record
 
     idx = build_index(params, show_progress=progress)
+    if params.data.split.record is not None:  # first: the versioned record never lags
+        write_split_record(idx, params.data.split.record)
     changed = write_index(idx, params.data.index_path)
     return {"index": idx, "changed": changed, "revision": data_revision(params.data.index_path)}
 
@@ -134,7 +138,7 @@ def resolve_init(
     if kind == "mae":
         enc = Path(params.pretrain.out_dir) / "encoder.pt"
         if not enc.is_file():
-            raise FileNotFoundError(
+            raise MissingError(
                 f"stage {name!r} starts from the MAE encoder, but {enc} does not exist: "
                 "run `srpu pretrain` (or materialize mae_encoder) first"
             )
@@ -144,21 +148,21 @@ def resolve_init(
         prev = names[names.index(name) - 1]
         ckpt = stage_dir(params, prev) / "best.pt"
         if not ckpt.is_file():
-            raise FileNotFoundError(
+            raise MissingError(
                 f"stage {name!r} starts from stage {prev!r}, but {ckpt} does not exist: "
                 f"run `srpu train --stage {prev}` first"
             )
         return ckpt, "model"
     if kind == "alias":
         if tracker is None:
-            raise ValueError(
+            raise InputError(
                 f"stage {name!r}: init {st.init!r} needs the model registry "
                 "(tracking.enabled: true)"
             )
         return tracker.fetch_checkpoint(arg, Path(params.predict.models_cache)), "model"
     path = Path(arg)
     if not path.is_file():
-        raise FileNotFoundError(f"stage {name!r}: init file {path} not found")
+        raise MissingError(f"stage {name!r}: init file {path} not found")
     return path, None
 
 
@@ -206,7 +210,11 @@ def _log_epoch(tracker: Tracker):
 
 
 def run_stage(
-    params: Params, tracker: Tracker | None, name: str, progress: bool = True
+    params: Params,
+    tracker: Tracker | None,
+    name: str,
+    progress: bool = True,
+    callbacks: list[Any] | None = None,
 ) -> dict[str, Any]:
     """Train stage ``name`` inside a tracked run of its own. The final stage's best
     checkpoint is registered as ``challenger``; earlier stages hand over by file.
@@ -227,7 +235,7 @@ def run_stage(
     if not main or tracker is None:
         if main:
             record_path.unlink(missing_ok=True)  # it would describe a checkpoint to change
-        res = run_task(task, progress=progress and main)
+        res = run_task(task, callbacks=callbacks, progress=progress and main)
         return {"result": res, "version": None, "record": None, "stage": name, "plan": task.plan}
     if record_path.is_file() and task_is_finished(task):
         record = read_json(record_path)
@@ -252,7 +260,7 @@ def run_stage(
     if task.plan is not None:  # the values the plan chose for the ``auto`` keys
         logged.update({f"plan.{k}": v for k, v in task.plan.values.items()})
     with tracker.start_run(f"train_{name}", logged, tags) as run_id:
-        res = run_task(task, callbacks=[_log_epoch(tracker)], progress=progress)
+        res = run_task(task, callbacks=[_log_epoch(tracker), *(callbacks or [])], progress=progress)
         if task.plan is not None:
             tracker.log_artifact(res.out_dir / "plan.json")
         for f in (res.best_checkpoint, res.best_checkpoint.with_suffix(".json")):
@@ -260,8 +268,13 @@ def run_stage(
         tracker.log_artifact(res.out_dir / "train_metrics.json")
         mv = None
         if name == final_stage(params):
+            from srpu_pipelines.data.index import load_index
+            from srpu_pipelines.pipeline.lineage import lineage_tags
+
             meta = {"data_revision": rev, "val_split": sp.train.val_split, "stage": name}
+            meta.update(lineage_tags(sp, load_index(params.data.index_path), rev, sp.resolved()))
             mv = tracker.log_model(res.best_checkpoint, {"val_miou": str(res.best_miou), **meta})
+            fault_point("registry:alias")
             tracker.set_alias(CHALLENGER, mv.version)
     record = {
         "run_id": run_id,
@@ -273,6 +286,9 @@ def run_stage(
         "checkpoint_sha256": sha256_file(res.best_checkpoint),
     }
     atomic_write_json(record_path, record)
+    keep = params.tracking.keep_run_checkpoints
+    if keep is not None:  # retention: older runs' checkpoints (registered ones stay)
+        tracker.prune_checkpoints(name, keep)
     return {"result": res, "version": mv, "record": record, "stage": name, "plan": task.plan}
 
 
@@ -372,9 +388,44 @@ def run_promote(params: Params, tracker: Tracker) -> dict[str, Any]:
     is written to ``evaluate.out_dir/promotion.json``."""
     gate = champion_gate(params, tracker)
     if gate["passed"]:
+        fault_point("promote:alias")
         tracker.set_alias(CHAMPION, gate["candidate_version"])
     atomic_write_json(Path(params.evaluate.out_dir) / "promotion.json", gate)
     return gate
+
+
+def run_rollback(params: Params, tracker: Tracker, version: str, reason: str = "") -> dict:
+    """A person's decision: give registered ``version`` the ``champion`` alias (no gate:
+    the person compared), and record it as a line of the round history (``event``:
+    rollback, the champion before and after), so the loop's record shows who changed the
+    champion and when. The history's labelled state is carried over: a rollback changes
+    the model, not the labels."""
+    import datetime
+
+    from srpu_pipelines.active_learning.history import append_history, next_round, read_history
+
+    mv = tracker.get_version(version)
+    if mv is None:
+        raise NotFoundError(
+            f"{tracker.registered_model} has no version {version}: the MLflow registry "
+            "(make mlflow-ui) lists the versions"
+        )
+    before = tracker.get_alias(CHAMPION)
+    history = read_history(params)
+    last = history[-1] if history else {}
+    entry = {
+        "round": next_round(history),
+        "event": "rollback",
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "champion_before": before.version if before else None,
+        "champion_after": mv.version,
+        "reason": reason,
+        "corrected": [],
+        **{k: last[k] for k in ("labeled_revision", "labeled_ids", "selected_round") if k in last},
+    }
+    tracker.set_alias(CHAMPION, mv.version)
+    append_history(params, entry)  # after the alias: a line never claims what did not happen
+    return entry
 
 
 def prediction_checkpoint(params: Params, tracker: Tracker | None) -> Path:
@@ -382,14 +433,14 @@ def prediction_checkpoint(params: Params, tracker: Tracker | None) -> Path:
     if params.predict.source == "checkpoint":
         return final_dir(params) / f"{params.evaluate.checkpoint}.pt"
     if tracker is None:
-        raise ValueError(
+        raise InputError(
             "predict.source: champion needs tracking.enabled: true (the registry); "
             "or set predict.source: checkpoint"
         )
     try:
         return tracker.fetch_checkpoint(CHAMPION, Path(params.predict.models_cache))
     except LookupError as e:
-        raise ValueError(
+        raise InputError(
             f"predict.source: champion: {e}; promote a model first "
             "(srpu promote) or set predict.source: checkpoint"
         ) from None
@@ -415,7 +466,7 @@ def run_quantify(
         index = load_index(params.data.index_path)
         items = select_items(index, qp.splits)
         if not items:
-            raise ValueError(f"quantify.splits {qp.splits}: no labelled images there")
+            raise InputError(f"quantify.splits {qp.splits}: no labelled images there")
         source, total = q.from_labels(items, MaskCodec.from_params(params)), len(items)
     else:
         source, total = q.from_predictions(Path(params.predict.out_dir)), None

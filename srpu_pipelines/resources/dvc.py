@@ -20,6 +20,9 @@ from pathlib import Path
 
 import yaml
 
+from srpu_pipelines.errors import DvcError, MissingError
+from srpu_pipelines.io.faults import fault_point
+
 log = logging.getLogger(__name__)
 
 
@@ -58,7 +61,7 @@ def _dvc_binary() -> str:
     here = Path(sys.executable).parent / "dvc"  # the shim `make setup` installs into .venv
     found = str(here) if here.exists() else shutil.which("dvc")
     if not found:
-        raise FileNotFoundError("dvc not found: run `make setup` (it installs .venv-dvc)")
+        raise MissingError("dvc not found: run `make setup` (it installs .venv-dvc)")
     return found
 
 
@@ -80,7 +83,10 @@ class DvcCli(Dvc):
             timeout=self.timeout_s,
         )
         if out.returncode != 0:
-            raise RuntimeError(f"dvc {' '.join(args)} failed in {cwd}:\n{out.stderr[-2000:]}")
+            raise DvcError(
+                f"dvc {' '.join(args)} failed in {cwd} (exit {out.returncode}):\n"
+                f"{(out.stderr or out.stdout)[-2000:]}"
+            )
         return out.stdout
 
     @staticmethod
@@ -88,22 +94,24 @@ class DvcCli(Dvc):
         for d in [folder.resolve(), *folder.resolve().parents]:
             if (d / ".dvc").is_dir():
                 return d
-        raise FileNotFoundError(f"{folder}: not inside a DVC repository (no .dvc folder above)")
+        raise MissingError(f"{folder}: not inside a DVC repository (no .dvc folder above)")
 
     def _default_remote(self, root: Path) -> str | None:
-        try:
-            return self._run(root, "remote", "default").strip() or None
-        except RuntimeError:
-            return None  # `dvc remote default` exits 1 when none is set
+        """The default remote's name, or None when none is configured. ``dvc config
+        core.remote`` prints nothing (exit 0) for "none"; a damaged config or any other
+        failure raises :class:`DvcError` (it once read as "no remote": the push was
+        skipped without a word)."""
+        return self._run(root, "config", "core.remote").strip() or None
 
     def add(self, folders: list[Path]) -> dict[str, str | None]:
         out: dict[str, str | None] = {}
         for f in tracked_folders(folders)[0]:
             root = self._repo_root(f)
             rel = os.path.relpath(f.resolve(), root)
-            self._run(root, "add", "--quiet", rel)
+            self._run(root, "add", rel)  # not --quiet: a failure says why
+            fault_point("dvc:push")
             if self.push and self._default_remote(root):
-                self._run(root, "push", "--quiet", f"{rel}.dvc")
+                self._run(root, "push", f"{rel}.dvc")
             out[str(f)] = dvc_md5(f)
         return out
 

@@ -20,10 +20,22 @@ from pathlib import Path
 from typing import Any
 
 from srpu_pipelines.config import TrackingParams
+from srpu_pipelines.errors import MissingError, NotFoundError, RegistryError
 
 log = logging.getLogger(__name__)
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
+
+
+def is_not_found(e: Exception) -> bool:
+    """Does an ``MlflowException`` say "no such model / alias" (and nothing worse)?
+    MLflow reports a missing model as RESOURCE_DOES_NOT_EXIST and a missing alias as
+    INVALID_PARAMETER_VALUE "... alias ... not found" (SQL store and REST alike)."""
+    code = getattr(e, "error_code", "")
+    msg = str(getattr(e, "message", e))
+    if code == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    return code == "INVALID_PARAMETER_VALUE" and "alias" in msg and "not found" in msg
 
 
 @dataclass
@@ -79,8 +91,17 @@ class Tracker(abc.ABC):
     def get_alias(self, alias: str) -> ModelVersion | None: ...
 
     @abc.abstractmethod
+    def get_version(self, version: str) -> ModelVersion | None:
+        """A registered version, or None when the registry has no such version."""
+
+    @abc.abstractmethod
     def fetch_checkpoint(self, alias: str, dest: Path) -> Path:
         """The checkpoint (.pt) of the version with ``alias``, copied under ``dest``."""
+
+    @abc.abstractmethod
+    def prune_checkpoints(self, stage: str, keep: int) -> list[str]:
+        """Delete the ``checkpoint/`` artifacts of stage ``stage``'s runs older than the
+        ``keep`` newest, except runs with a registered version; returns their run ids."""
 
 
 def flat_metrics(prefix: str, scores: dict[str, Any]) -> dict[str, float]:
@@ -195,18 +216,65 @@ class MlflowTracker(Tracker):
         self.client.set_registered_model_alias(self.registered_model, alias, version)
 
     def get_alias(self, alias) -> ModelVersion | None:
+        """The version behind ``alias``; None only when the registry says the model or
+        the alias does not exist. Any other failure (the server down, a locked or
+        damaged store) raises :class:`RegistryError`: read as "no champion" it would let
+        an unchecked model through the gate."""
         from mlflow.exceptions import MlflowException
 
         try:
             mv = self.client.get_model_version_by_alias(self.registered_model, alias)
-        except MlflowException:
-            return None  # no such model or alias yet
+        except MlflowException as e:
+            if is_not_found(e):
+                return None  # no such model or alias yet
+            raise RegistryError(
+                f"model registry {self.uri}: reading {self.registered_model}@{alias} "
+                f"failed ({e.error_code}: {e.message}); the step stops, nothing changed"
+            ) from e
         return ModelVersion(str(mv.version), mv.run_id, dict(mv.tags or {}))
+
+    def get_version(self, version) -> ModelVersion | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = self.client.get_model_version(self.registered_model, str(version))
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise RegistryError(
+                f"model registry {self.uri}: reading {self.registered_model} version "
+                f"{version} failed ({e.error_code}: {e.message})"
+            ) from e
+        return ModelVersion(str(mv.version), mv.run_id, dict(mv.tags or {}))
+
+    def prune_checkpoints(self, stage, keep) -> list[str]:
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`srpu.stage` = '{stage}'",
+            order_by=["attributes.start_time DESC"],
+        )
+        registered = {
+            mv.run_id for mv in self.client.search_model_versions(f"name='{self.registered_model}'")
+        }
+        pruned = []
+        for run in runs[keep:]:
+            if run.info.run_id in registered or run.data.tags.get("srpu.pruned") == "true":
+                continue
+            repo = get_artifact_repository(run.info.artifact_uri)
+            if any(f.path == "checkpoint" for f in repo.list_artifacts()):
+                repo.delete_artifacts("checkpoint")
+            self.client.set_tag(run.info.run_id, "srpu.pruned", "true")
+            pruned.append(run.info.run_id)
+        if pruned:
+            log.info("deleted the checkpoints of %d older %s run(s)", len(pruned), stage)
+        return pruned
 
     def fetch_checkpoint(self, alias, dest) -> Path:
         mv = self.get_alias(alias)
         if mv is None:
-            raise LookupError(f"model {self.registered_model!r} has no {alias!r} version yet")
+            raise NotFoundError(f"model {self.registered_model!r} has no {alias!r} version yet")
         # keyed by model name, version and run: another store or model reuses version numbers
         target = Path(dest) / self.registered_model / f"v{mv.version}-{mv.run_id}"
         if not target.is_dir():  # versions are immutable: a copy once fetched stays valid
@@ -220,7 +288,7 @@ class MlflowTracker(Tracker):
             tmp.rename(target)
         found = sorted(target.rglob("*.pt"))
         if not found:
-            raise FileNotFoundError(f"{target}: model version {mv.version} holds no checkpoint")
+            raise MissingError(f"{target}: model version {mv.version} holds no checkpoint")
         return found[0]
 
 
@@ -293,12 +361,28 @@ class RecordingTracker(Tracker):
     def fetch_checkpoint(self, alias, dest) -> Path:
         mv = self.get_alias(alias)
         if mv is None:
-            raise LookupError(f"model {self.registered_model!r} has no {alias!r} version yet")
+            raise NotFoundError(f"model {self.registered_model!r} has no {alias!r} version yet")
         return self.checkpoints[mv.version]
 
     def set_alias(self, alias, version) -> None:
         self.aliases[alias] = version
 
+    def prune_checkpoints(self, stage, keep) -> list[str]:
+        registered = {m.run_id for m in self.versions}
+        runs = [rid for rid, r in self.runs.items() if r["tags"].get("srpu.stage") == stage]
+        pruned = []
+        for rid in reversed(runs[: max(len(runs) - keep, 0)]):  # oldest last
+            r = self.runs[rid]
+            if rid in registered or r["tags"].get("srpu.pruned") == "true":
+                continue
+            r["artifacts"] = [a for a in r["artifacts"] if a[1] != "checkpoint"]
+            r["tags"]["srpu.pruned"] = "true"
+            pruned.append(rid)
+        return pruned
+
     def get_alias(self, alias) -> ModelVersion | None:
         v = self.aliases.get(alias)
-        return next((m for m in self.versions if m.version == v), None)
+        return self.get_version(v) if v is not None else None
+
+    def get_version(self, version) -> ModelVersion | None:
+        return next((m for m in self.versions if m.version == str(version)), None)

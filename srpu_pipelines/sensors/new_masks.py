@@ -9,8 +9,15 @@ requests one run of the round job. The run key is a hash of
 the new pairs (ids and mask contents): the same files dropped again map to the same key,
 and Dagster starts nothing for a key it has seen. Partial or invalid drops (a mask
 without its image, a mask of the wrong size or with unknown colours) are reported in the
-tick's message and never start a run by themselves. The cursor holds the last key
+tick's message and never start a run by themselves. The cursor holds the last run key
 requested.
+
+A round that fails is asked for again: masks a round indexed but did not record in the
+history (it failed after ``dataset_index``) still count as pending, and a failed round is
+re-requested up to ``active.round_retries`` times, each retry under a new run key
+(``<key>-retry<N>``: Dagster starts nothing for a key it has seen), the attempt in the
+tick's message and the run's tags. After the last retry the tick says so and waits for a
+person (fix the cause, then launch the job from the UI); the masks stay pending.
 """
 
 from __future__ import annotations
@@ -42,6 +49,11 @@ def round_asset_keys(params: Params) -> list[str]:
         stage_asset_name(final_stage(params)),
         "evaluation",
         "champion_model",
+        *(
+            f"uncertainty_scores_{d.name}"
+            for d in params.data.datasets
+            if params.active.scoring_fanout == "per_dataset"
+        ),
         "uncertainty_scores",
         "selected_batch",
         "round_history",
@@ -75,25 +87,57 @@ def round_job(params: Params) -> dg.UnresolvedAssetJobDefinition:
     )
 
 
-def check_new_masks(
-    params: Params, cursor: str | None, round_running: bool
-) -> tuple[dg.RunRequest | None, str, str]:
-    """(run request or None, new cursor, message) for one tick."""
-    from srpu_pipelines.active_learning.history import read_history, stop_reason
+FAILED = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
+KEY_TAG = "srpu/masks_key"  # the pending masks' key, the same on every retry
+ATTEMPT_TAG = "srpu/attempt"
+
+
+def pending_pairs(
+    params: Params, index: dict[str, Any]
+) -> tuple[list[Any], list[Any], list[dict], list[Any]]:
+    """(new pairs on disk, changed indexed pairs, indexed items no round recorded yet,
+    problems). The third are the corrections of a round that failed after indexing them:
+    without them its masks would no longer be "new" and wait silently for more."""
+    from srpu_pipelines.active_learning.history import read_history
     from srpu_pipelines.active_learning.rounds import new_labels
+
+    new, changed, problems = new_labels(params, index)
+    history = read_history(params)
+    unrecorded: list[dict] = []
+    if history:  # before the first entry the pipeline has not run once: nothing pending
+        recorded = set(history[-1].get("labeled_ids", []))
+        unrecorded = [it for it in index["items"] if it["id"] not in recorded]
+    return new, changed, unrecorded, problems
+
+
+def check_new_masks(
+    params: Params,
+    cursor: str | None,
+    round_running: bool,
+    past_runs: Any = None,
+) -> tuple[dg.RunRequest | None, str, str]:
+    """(run request or None, new cursor, message) for one tick. ``past_runs(key)`` gives
+    the statuses (oldest first) of the round runs already made for the pending masks'
+    key (the sensor asks the Dagster instance; without it none are known)."""
+    from srpu_pipelines.active_learning.history import read_history, stop_reason
     from srpu_pipelines.data.index import load_index
     from srpu_pipelines.io.files import sha256_file
 
     cursor = cursor or ""
     if not params.data.index_path.is_file():
         return None, cursor, "no dataset index yet: materialize the pipeline once first"
-    new, changed, problems = new_labels(params, load_index(params.data.index_path))
+    new, changed, unrecorded, problems = pending_pairs(params, load_index(params.data.index_path))
     pairs = new + changed
     reported = "".join(f"\n  not usable: {p}" for p in problems[:20])
     if len(problems) > 20:
         reported += f"\n  ... and {len(problems) - 20} more"
     reported += "".join(f"\n  changed since indexed: {p.mask}" for p in changed)
-    n, need = len(pairs), params.active.min_new_masks
+    if unrecorded:
+        reported += (
+            f"\n  {len(unrecorded)} indexed mask(s) no round recorded yet (a round failed "
+            "after indexing them): they count as new"
+        )
+    n, need = len(pairs) + len(unrecorded), params.active.min_new_masks
     if problems and params.data.on_bad_input == "error":
         # the round's index step would stop on them (data.on_bad_input: error)
         return (
@@ -110,22 +154,52 @@ def check_new_masks(
     if stop:
         return None, cursor, f"active learning has stopped: {stop}{reported}"
     h = hashlib.sha256()
-    for p in sorted(pairs, key=lambda p: p.id):
-        h.update(f"{p.id}\0{sha256_file(p.mask)}\n".encode())
+    for pid, sha in sorted(
+        [(p.id, sha256_file(p.mask)) for p in pairs]
+        + [(it["id"], it["mask_sha256"]) for it in unrecorded]
+    ):
+        h.update(f"{pid}\0{sha}\n".encode())
     key = f"new-masks-{h.hexdigest()[:20]}"
-    if key == cursor:
+    statuses = list(past_runs(key)) if past_runs is not None else []
+    failures = sum(1 for st in statuses if st in FAILED)
+    retries = params.active.round_retries
+    if round_running:
+        return None, cursor, f"{n} new masks wait: a round is running{reported}"
+    if statuses and statuses[-1] not in FAILED:
+        return (
+            None,
+            cursor,
+            f"a round for these {n} masks was requested ({statuses[-1].value}){reported}",
+        )
+    if failures > retries:
         return (
             None,
             cursor,
             (
-                f"a round was already requested for these {n} masks (if it failed, fix the cause "
-                f"and launch {ROUND_JOB} from the UI){reported}"
+                f"the round for these {n} masks failed {failures} time(s) (active.round_retries: "
+                f"{retries}): fix the cause, then launch {ROUND_JOB} from the UI; the masks "
+                f"stay pending{reported}"
             ),
         )
-    if round_running:
-        return None, cursor, f"{n} new masks wait: a round is running{reported}"
-    tags: dict[str, Any] = {"srpu/new_masks": str(n)}
-    return dg.RunRequest(run_key=key, tags=tags), key, f"{n} new masks: round requested{reported}"
+    run_key = key if failures == 0 else f"{key}-retry{failures}"
+    if run_key == cursor and not statuses:
+        return (
+            None,
+            cursor,
+            f"a round was already requested for these {n} masks{reported}",
+        )
+    tags: dict[str, Any] = {
+        "srpu/new_masks": str(n),
+        KEY_TAG: key,
+        ATTEMPT_TAG: str(failures + 1),
+    }
+    what = (
+        f"{n} new masks: round requested"
+        if failures == 0
+        else f"{n} new masks: retry {failures} of {retries} requested (the last round for "
+        "them failed)"
+    )
+    return dg.RunRequest(run_key=run_key, tags=tags), run_key, f"{what}{reported}"
 
 
 @dg.sensor(
@@ -142,7 +216,14 @@ def new_masks_sensor(context: dg.SensorEvaluationContext, params: ParamsResource
             filters=dg.RunsFilter(job_name=ROUND_JOB, statuses=IN_PROGRESS), limit=1
         )
     )
-    request, cursor, message = check_new_masks(p, context.cursor, running)
+
+    def past_runs(key: str) -> list[dg.DagsterRunStatus]:
+        runs = context.instance.get_runs(
+            filters=dg.RunsFilter(job_name=ROUND_JOB, tags={KEY_TAG: key})
+        )
+        return [r.status for r in reversed(runs)]  # get_runs gives the newest first
+
+    request, cursor, message = check_new_masks(p, context.cursor, running, past_runs)
     context.update_cursor(cursor)
     if request is None:
         return dg.SkipReason(message)

@@ -45,6 +45,8 @@ from srpu_pipelines.compute.device import (
     usable_cores,
     use_channels_last,
 )
+from srpu_pipelines.errors import DivergedError, InputError
+from srpu_pipelines.io.faults import fault_point
 from srpu_pipelines.models.checkpoint import read_checkpoint, save_checkpoint
 from srpu_pipelines.training.task import (  # noqa: F401 (re-exported: the loop's contract)
     EXECUTION_KEYS,
@@ -78,7 +80,7 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 
     def __init__(self, length: int, global_batch: int, d: dist.Dist, key: str = "batch_size"):
         if global_batch % d.world:
-            raise ValueError(
+            raise InputError(
                 f"{key} {global_batch} does not split over {d.world} processes; "
                 "make it a multiple of the process count"
             )
@@ -406,8 +408,19 @@ class Loop:
                 self.save_last(model, opt, scaler, finished=self.finishing)
                 last_save = time.monotonic()
             self._report(rec)
-            for cb in self.callbacks:
-                cb(rec)
+            if self.callbacks:  # progress for the watcher: rate, and time left by steps/budget
+                rate = self.step / max(self.elapsed(), 1e-9)
+                left = (self.lp.total_steps - self.step) / max(rate, 1e-9)
+                if self.lp.budget_s is not None:
+                    left = min(left, max(self.lp.budget_s - self.elapsed(), 0.0))
+                info = {
+                    **rec,
+                    "total_steps": self.lp.total_steps,
+                    "steps_per_s": round(rate, 3),
+                    "eta_s": 0.0 if self.finishing else round(left, 1),
+                }
+                for cb in self.callbacks:
+                    cb(info)
         return losses
 
     def _epoch(self, model: nn.Module, net: nn.Module, opt, scaler):
@@ -440,6 +453,7 @@ class Loop:
             if counting:
                 self.step_flops, self._counted = int(counter.get_total_flops()), True
             self.step += 1
+            fault_point(f"{task.kind}:step")
             losses.append(loss.detach().float())
             for k, v in values.items():
                 logs[k].append(v)
@@ -460,7 +474,7 @@ class Loop:
         bad = (~torch.isfinite(t)).nonzero()
         if len(bad):
             first = self.step - len(losses) + int(bad[0, 0])
-            raise FloatingPointError(
+            raise DivergedError(
                 f"{self.task.kind} loss became {float(t[bad[0, 0]])} at step {first}; lower "
                 f"the learning rate ({self.task.kind}.lr = {self.lp.lr})"
             )

@@ -8,6 +8,7 @@ from segmentation_models_pytorch.losses import DiceLoss
 from torch import nn
 
 from srpu_pipelines.config import IGNORE_INDEX, LossParams
+from srpu_pipelines.errors import InputError
 
 
 def _erode(x: torch.Tensor) -> torch.Tensor:
@@ -54,7 +55,7 @@ class SegLoss(nn.Module):
         names = class_names or []
         missing = [c for c in p.skeleton_classes if c not in names]
         if self.skel_w and missing:
-            raise ValueError(f"loss.skeleton_classes: {missing} are not classes of {names}")
+            raise InputError(f"loss.skeleton_classes: {missing} are not classes of {names}")
         self.skel_classes = [names.index(c) for c in p.skeleton_classes] if self.skel_w else []
 
     def skeleton_recall(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from srpu_pipelines.errors import InputError
+
 METHODS = ("cnn", "vit")
 
 
@@ -95,7 +97,7 @@ class CnnMae(nn.Module):
             or type(m).__name__ == "LayerNorm2d"  # timm ConvNeXt: channels-first LayerNorm
         ]
         if not self._hooks:
-            raise ValueError("cnn MAE: the encoder has no Conv2d layer; use pretrain.method: vit")
+            raise InputError("cnn MAE: the encoder has no Conv2d layer; use pretrain.method: vit")
         deep = int(encoder.out_channels[-1])
         self.proj = nn.Conv2d(deep, dim, 1)
         self.mask_token = nn.Parameter(torch.zeros(1, dim, 1, 1))
@@ -162,7 +164,7 @@ class CnnMae(nn.Module):
 def _sincos_2d(gh: int, gw: int, dim: int) -> torch.Tensor:
     """(1, gh*gw, dim) fixed 2-D sine-cosine position embedding (MAE's decoder)."""
     if dim % 4:
-        raise ValueError(f"pretrain.decoder_dim must be a multiple of 4 for vit, got {dim}")
+        raise InputError(f"pretrain.decoder_dim must be a multiple of 4 for vit, got {dim}")
     q = dim // 4
     omega = 1.0 / (10000 ** (torch.arange(q, dtype=torch.float32) / q))
     ys, xs = torch.meshgrid(
@@ -244,15 +246,15 @@ def build_mae(
     ``patch`` (the masking unit) must be a multiple of :func:`encoder_unit`.
     """
     if method not in METHODS:
-        raise ValueError(f"pretrain.method: unknown {method!r}; valid: auto, {', '.join(METHODS)}")
+        raise InputError(f"pretrain.method: unknown {method!r}; valid: auto, {', '.join(METHODS)}")
     if method == "vit" and not hasattr(getattr(model.encoder, "model", None), "patch_embed"):
-        raise ValueError(
+        raise InputError(
             "pretrain.method: vit needs a ViT encoder (e.g. model.arch: dpt with "
             "model.encoder: tu-vit_tiny_patch16_224); use cnn for CNN encoders"
         )
     unit = encoder_unit(model, method)
     if patch % unit:
-        raise ValueError(
+        raise InputError(
             f"pretrain.patch_size: {patch} must be a multiple of {unit} (the encoder's "
             f"{'patch size' if method == 'vit' else 'total stride 2**encoder_depth'})"
         )

@@ -24,6 +24,7 @@ from srpu_pipelines.compute.device import module_device
 from srpu_pipelines.config import PretrainParams, PretrainSetup
 from srpu_pipelines.data.index import image_hashes
 from srpu_pipelines.data.pool import UnlabeledTiles, bar_rows, load_standardized, unlabeled_paths
+from srpu_pipelines.errors import InputError
 from srpu_pipelines.io.files import atomic_write_bytes, atomic_write_json
 from srpu_pipelines.models.checkpoint import model_config, save_checkpoint
 from srpu_pipelines.models.factory import model_from_params
@@ -152,7 +153,7 @@ class MaeTask(Task):
         self.paths = unlabeled_paths(index, pp.use_pool, pp.splits)
         self.bars = bar_rows(index)
         if not self.paths:
-            raise ValueError(
+            raise InputError(
                 "pretrain: no images to pretrain on (pretrain.use_pool and pretrain.splits "
                 f"{pp.splits} select none in the index)"
             )

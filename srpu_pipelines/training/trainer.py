@@ -30,6 +30,7 @@ from srpu_pipelines.data.dataset import Sample, TileSampler, load_samples
 from srpu_pipelines.data.index import image_hashes, select_items
 from srpu_pipelines.data.masks import MaskCodec
 from srpu_pipelines.data.pool import UnlabeledTiles, bar_rows, unlabeled_paths
+from srpu_pipelines.errors import InputError
 from srpu_pipelines.io.files import atomic_write_json, read_json, sha256_file
 from srpu_pipelines.models.checkpoint import model_config, read_checkpoint, save_checkpoint
 from srpu_pipelines.models.factory import is_vit_encoder, load_weights, model_from_params
@@ -117,7 +118,7 @@ class StageTask(Task):
         self.val_items = select_items(index, [tp.val_split], tp.datasets)
         if not self.train_items:
             where = f" of sub-datasets {tp.datasets}" if tp.datasets else ""
-            raise ValueError(f"train.splits {tp.splits}: no labelled images in these splits{where}")
+            raise InputError(f"train.splits {tp.splits}: no labelled images in these splits{where}")
         init = init_weights or setup.model.weights
         self.init = str(init) if init else None
         self.find_unused_parameters = is_vit_encoder(setup.model.encoder)
