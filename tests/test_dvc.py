@@ -129,17 +129,22 @@ def test_repro_runs_then_is_idempotent_then_reruns_only_what_changed(project):
     )
 
 
-def test_dagster_cli_materializes_with_a_string_selection(project, tmp_path):
-    """Users type `dagster asset materialize --select '*'`: string selections go through
-    Dagster's ANTLR parser, which breaks with the ANTLR 4.9 that DVC's hydra pins."""
+def _fresh_copy(project: Path, tmp_path: Path) -> tuple[Path, dict[str, str], Path]:
+    """(a copy of the project without outputs, an environment with its own Dagster
+    instance, that instance's home)."""
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    env = {**os.environ, "DAGSTER_HOME": str(home)}
-    # a fresh copy: the DVC tests' last model may rightly fail the champion gate there
     fresh = tmp_path / "srpu"
     shutil.copytree(project, fresh, ignore=shutil.ignore_patterns("outputs", "mlruns"))
-    project = fresh
+    return fresh, {**os.environ, "DAGSTER_HOME": str(home)}, home
+
+
+def test_dagster_cli_materializes_with_a_string_selection(project, tmp_path):
+    """Users type `dagster asset materialize --select '*'`: string selections go through
+    Dagster's ANTLR parser, which breaks with the ANTLR 4.9 that DVC's hydra pins."""
+    # a fresh copy: the DVC tests' last model may rightly fail the champion gate there
+    project, env, _ = _fresh_copy(project, tmp_path)
     out = subprocess.run(
         [
             str(DVC.parent / "dagster"),
@@ -166,12 +171,7 @@ def test_dagster_cli_materializes_with_a_string_selection(project, tmp_path):
 def test_the_demo_run_prints_a_line_per_step_and_logs_dagster_to_a_file(project, tmp_path):
     """`make demo`'s run: `dg launch` (the current command) with Dagster's own log in a
     file, one line per step on screen, then the report: at most 40 lines in all."""
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    env = {**os.environ, "DAGSTER_HOME": str(home)}
-    fresh = tmp_path / "srpu"
-    shutil.copytree(project, fresh, ignore=shutil.ignore_patterns("outputs", "mlruns"))
+    fresh, env, home = _fresh_copy(project, tmp_path)
     py = str(DVC.parent / "python")
     run = subprocess.run(
         [py, "-m", "srpu_pipelines.pipeline.demo_run", "--select", "*"],
@@ -199,3 +199,38 @@ def test_the_demo_run_prints_a_line_per_step_and_logs_dagster_to_a_file(project,
     log = (fresh / "outputs/demo/dagster.log").read_text()
     assert "RUN_SUCCESS" in log and "DEBUG" in log  # Dagster's own lines: in the file
     assert "DEBUG" not in run.stdout
+
+
+def test_a_running_stage_shows_its_epochs_in_the_dagster_instance(project, tmp_path):
+    """What the Dagster UI reads while a run goes: the training stage's per-epoch
+    observations (step of total, loss, steps/s, ETA) arrive while the run is STARTED."""
+    import time
+
+    import dagster as dg
+
+    fresh, env, home = _fresh_copy(project, tmp_path)
+    cmd = [str(DVC.parent / "dg"), "launch", "--assets", "*", "-m", "srpu_pipelines.definitions"]
+    log = open(tmp_path / "dg.log", "w")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(cmd, cwd=fresh, env=env, stdout=log, stderr=subprocess.STDOUT)
+    seen = []
+    try:
+        instance = dg.DagsterInstance.from_config(str(home))
+        deadline = time.monotonic() + 600
+        while not seen and proc.poll() is None and time.monotonic() < deadline:
+            for run in instance.get_runs(limit=1):
+                for rec in instance.get_records_for_run(run.run_id).records:
+                    ev = rec.event_log_entry.dagster_event
+                    if ev is not None and ev.event_type_value == "ASSET_OBSERVATION":
+                        md = ev.event_specific_data.asset_observation.metadata
+                        status = instance.get_run_by_id(run.run_id).status
+                        seen.append((ev.step_key, md, status))
+            time.sleep(0.2)
+        assert proc.wait(timeout=600) == 0, (tmp_path / "dg.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    assert seen, "no per-epoch observation while the run went"
+    step, md, status = seen[0]
+    assert step.startswith("train_") and status == dg.DagsterRunStatus.STARTED
+    assert {"step", "total_steps", "loss", "steps_per_s", "eta_s"} <= set(md)
