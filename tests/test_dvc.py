@@ -201,36 +201,76 @@ def test_the_demo_run_prints_a_line_per_step_and_logs_dagster_to_a_file(project,
     assert "DEBUG" not in run.stdout
 
 
-def test_a_running_stage_shows_its_epochs_in_the_dagster_instance(project, tmp_path):
-    """What the Dagster UI reads while a run goes: the training stage's per-epoch
-    observations (step of total, loss, steps/s, ETA) arrive while the run is STARTED."""
+def test_the_dagster_ui_shows_a_running_stages_epochs(project, tmp_path):
+    """Through the web UI's own GraphQL API (dagster-webserver on 127.0.0.1): while the
+    run is STARTED, the training stage's asset already lists its per-epoch observations."""
+    import json
     import time
+    import urllib.request
 
-    import dagster as dg
+    from tests.test_servers_e2e import _free_port, _stop, _wait_code_location, _wait_http
 
-    fresh, env, home = _fresh_copy(project, tmp_path)
-    cmd = [str(DVC.parent / "dg"), "launch", "--assets", "*", "-m", "srpu_pipelines.definitions"]
-    log = open(tmp_path / "dg.log", "w")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(cmd, cwd=fresh, env=env, stdout=log, stderr=subprocess.STDOUT)
-    seen = []
+    fresh, env, _ = _fresh_copy(project, tmp_path)
+    port = _free_port()
+    web = subprocess.Popen(
+        [
+            str(DVC.parent / "dagster-webserver"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-m",
+            "srpu_pipelines.definitions",
+        ],
+        cwd=fresh,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+    def gql(query: str) -> dict:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/graphql",
+            data=json.dumps({"query": query}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.load(r)["data"]
+
     try:
-        instance = dg.DagsterInstance.from_config(str(home))
+        _wait_http(f"http://127.0.0.1:{port}/server_info", web)
+        _wait_code_location(port, web)
+        cmd = [
+            str(DVC.parent / "dg"),
+            "launch",
+            "--assets",
+            "*",
+            "-m",
+            "srpu_pipelines.definitions",
+        ]
+        run = subprocess.Popen(
+            cmd, cwd=fresh, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        seen = None
         deadline = time.monotonic() + 600
-        while not seen and proc.poll() is None and time.monotonic() < deadline:
-            for run in instance.get_runs(limit=1):
-                for rec in instance.get_records_for_run(run.run_id).records:
-                    ev = rec.event_log_entry.dagster_event
-                    if ev is not None and ev.event_type_value == "ASSET_OBSERVATION":
-                        md = ev.event_specific_data.asset_observation.metadata
-                        status = instance.get_run_by_id(run.run_id).status
-                        seen.append((ev.step_key, md, status))
-            time.sleep(0.2)
-        assert proc.wait(timeout=600) == 0, (tmp_path / "dg.log").read_text()[-3000:]
+        while seen is None and run.poll() is None and time.monotonic() < deadline:
+            data = gql(
+                '{ assetOrError(assetKey: {path: ["train_decoder"]}) { ... on Asset { '
+                "assetObservations(limit: 5) { runId stepKey metadataEntries { label } } } } }"
+            )
+            obs = (data.get("assetOrError") or {}).get("assetObservations") or []
+            if obs:
+                status = gql(
+                    f'{{ runOrError(runId: "{obs[0]["runId"]}") {{ ... on Run {{ status }} }} }}'
+                )["runOrError"]["status"]
+                seen = (obs[0], status)
+            time.sleep(0.3)
+        assert run.wait(timeout=600) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
-    assert seen, "no per-epoch observation while the run went"
-    step, md, status = seen[0]
-    assert step.startswith("train_") and status == dg.DagsterRunStatus.STARTED
-    assert {"step", "total_steps", "loss", "steps_per_s", "eta_s"} <= set(md)
+        _stop(web)
+    assert seen is not None, "the UI showed no per-epoch observation while the run went"
+    ob, status = seen
+    assert status == "STARTED" and ob["stepKey"] == "train_decoder"
+    labels = {m["label"] for m in ob["metadataEntries"]}
+    assert {"step", "total_steps", "loss", "steps_per_s", "eta_s"} <= labels
