@@ -676,8 +676,8 @@ class ActiveParams(_Strict):
     )
     cold_start: Literal["auto", "always", "never"] = Field(
         default="auto",
-        description="auto: typical, diverse images (k-means on appearance) while there is no "
-        "champion model",
+        description="auto: typical, diverse images (on the cold-start embeddings, "
+        "active.cold_features) while there is no champion model",
     )
     ensemble: EnsembleParams = EnsembleParams()
     await_rounds: int = Field(

@@ -324,22 +324,22 @@ class TypiClustStrategy(Strategy):
         cand_lab, cent_lab = labels[:n], labels[n:]
         covered = np.bincount(cent_lab, minlength=n_clusters).astype(float)
         sizes = np.bincount(cand_lab, minlength=n_clusters)
+        members = {cl: np.flatnonzero(cand_lab == cl) for cl in range(n_clusters)}
         typ = np.zeros(n)
-        for cl in range(n_clusters):
-            members = np.flatnonzero(cand_lab == cl)
-            if members.size:
-                nb = max(1, min(pool.active.typical_neighbours, members.size // 2))
-                typ[members] = typicality(e[members], nb)
+        for idx in members.values():
+            if idx.size:
+                nb = max(1, min(pool.active.typical_neighbours, idx.size // 2))
+                typ[idx] = typicality(e[idx], nb)
+        left = {cl: set(idx.tolist()) for cl, idx in members.items() if idx.size}
         taken: list[int] = []
         for _ in range(min(pool.k, n)):
             # the cluster with the fewest labelled points, the largest among those
-            open_ = [cl for cl in range(n_clusters) if (cand_lab == cl).any()]
-            open_ = [cl for cl in open_ if set(np.flatnonzero(cand_lab == cl)) - set(taken)]
+            open_ = [cl for cl, rest in left.items() if rest]
             if not open_:
                 break
             cl = min(open_, key=lambda q: (covered[q], -sizes[q], q))
-            members = [i for i in np.flatnonzero(cand_lab == cl) if i not in taken]
-            best = max(members, key=lambda i: (typ[i], -i))
+            best = max(left[cl], key=lambda i: (typ[i], -i))
+            left[cl].discard(best)
             taken.append(int(best))
             covered[cl] += 1
         return Choice(
@@ -349,18 +349,26 @@ class TypiClustStrategy(Strategy):
         )
 
 
-def purity_radius(emb: np.ndarray, seed: int, purity: float) -> float:
+def pairwise_distances(emb: np.ndarray) -> np.ndarray:
+    """(N, N) Euclidean distances, the diagonal exactly 0 (the expansion's rounding
+    leaves tiny values there)."""
+    d = np.sqrt(_sqdist(emb, emb))
+    np.fill_diagonal(d, 0.0)
+    return d
+
+
+def purity_radius(emb: np.ndarray, seed: int, purity: float, d: np.ndarray | None = None) -> float:
     """ProbCover's delta: the largest radius (over quantiles of the pairwise distances)
     at which at least ``purity`` of the points' balls hold one k-means cluster only. The
     paper's clusters are the classes; here their number is the one of 2..10 with the best
-    silhouette (the pool's own grouping)."""
+    silhouette (the pool's own grouping). ``d``: ``pairwise_distances(emb)`` where the
+    caller has it already."""
     from sklearn.metrics import silhouette_score
 
     n = len(emb)
     if n < 4:
         return float("inf")
-    d = np.sqrt(_sqdist(emb, emb))
-    np.fill_diagonal(d, 0.0)  # rounding in the expansion leaves tiny diagonal values
+    d = pairwise_distances(emb) if d is None else d
     best_s, labels = -2.0, None
     for k in range(2, max(2, min(10, n // 5)) + 1):
         lab = _kmeans(emb, k, seed).labels_
@@ -393,8 +401,9 @@ class ProbCoverStrategy(Strategy):
     def choose(self, pool: Pool) -> Choice:
         rows = _subsample(pool)
         e, c = pool.emb[rows], pool.centres
-        delta = purity_radius(e, pool.seed, pool.active.probcover_purity)
-        adj = np.sqrt(_sqdist(e, e)) <= delta  # i covers j
+        d = pairwise_distances(e)  # N x N once: for delta and for the balls
+        delta = purity_radius(e, pool.seed, pool.active.probcover_purity, d)
+        adj = d <= delta  # i covers j
         uncovered = np.ones(len(e), bool)
         if len(c):
             uncovered &= ~(np.sqrt(_sqdist(c, e)) <= delta).any(0)
