@@ -238,9 +238,7 @@ def _previous_splits(index_path: Path, record: Path | None = None) -> dict[str, 
     out: dict[str, str] = {}
     if index_path.is_file():
         try:
-            old = read_json(index_path)
-            out.update(old.get("split_memory", {}))
-            out.update({it["id"]: it["split"] for it in old.get("items", [])})
+            out.update(index_splits(read_json(index_path)))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise InputError(
                 f"{index_path}: existing index is unreadable ({e}); move it away to rebuild "
@@ -248,6 +246,13 @@ def _previous_splits(index_path: Path, record: Path | None = None) -> dict[str, 
             ) from None
     if record is not None and record.is_file():
         out.update(read_split_record(record))
+    return out
+
+
+def index_splits(index: dict[str, Any]) -> dict[str, str]:
+    """Split of every id an index knows: its items' and the remembered ones'."""
+    out = dict(index.get("split_memory", {}))
+    out.update({it["id"]: it["split"] for it in index.get("items", [])})
     return out
 
 
@@ -271,9 +276,7 @@ def write_split_record(index: dict[str, Any], path: str | Path) -> bool:
     (atomically, sorted, so that git and DVC see a change only when a split changes);
     return False (touching nothing) when it is unchanged."""
     path = Path(path)
-    splits = dict(index.get("split_memory", {}))
-    splits.update({it["id"]: it["split"] for it in index["items"]})
-    record = {"version": 1, "splits": dict(sorted(splits.items()))}
+    record = {"version": 1, "splits": dict(sorted(index_splits(index).items()))}
     if path.is_file() and read_json(path) == record:
         return False
     atomic_write_json(path, record)

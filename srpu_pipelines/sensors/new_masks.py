@@ -93,16 +93,14 @@ ATTEMPT_TAG = "srpu/attempt"
 
 
 def pending_pairs(
-    params: Params, index: dict[str, Any]
+    params: Params, index: dict[str, Any], history: list[dict[str, Any]]
 ) -> tuple[list[Any], list[Any], list[dict], list[Any]]:
     """(new pairs on disk, changed indexed pairs, indexed items no round recorded yet,
     problems). The third are the corrections of a round that failed after indexing them:
     without them its masks would no longer be "new" and wait silently for more."""
-    from srpu_pipelines.active_learning.history import read_history
     from srpu_pipelines.active_learning.rounds import new_labels
 
     new, changed, problems = new_labels(params, index)
-    history = read_history(params)
     unrecorded: list[dict] = []
     if history:  # before the first entry the pipeline has not run once: nothing pending
         recorded = set(history[-1].get("labeled_ids", []))
@@ -126,7 +124,9 @@ def check_new_masks(
     cursor = cursor or ""
     if not params.data.index_path.is_file():
         return None, cursor, "no dataset index yet: materialize the pipeline once first"
-    new, changed, unrecorded, problems = pending_pairs(params, load_index(params.data.index_path))
+    history = read_history(params)
+    index = load_index(params.data.index_path)
+    new, changed, unrecorded, problems = pending_pairs(params, index, history)
     pairs = new + changed
     reported = "".join(f"\n  not usable: {p}" for p in problems[:20])
     if len(problems) > 20:
@@ -150,7 +150,7 @@ def check_new_masks(
         )
     if n < need:
         return None, cursor, f"{n} new valid mask(s), a round needs {need}{reported}"
-    stop = stop_reason(params, read_history(params))
+    stop = stop_reason(params, history)
     if stop:
         return None, cursor, f"active learning has stopped: {stop}{reported}"
     h = hashlib.sha256()
