@@ -410,6 +410,18 @@ def cmd_labels(params: Params, args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_bench_al_merge(_params: None, args: argparse.Namespace) -> int:
+    from srpu_pipelines.bench.al import merge_results, plot_curves
+    from srpu_pipelines.io.files import read_json
+
+    res = merge_results([(f, read_json(f)) for f in args.files])
+    if args.plot:
+        plot_curves(res, Path(args.plot))
+        res["plot"] = args.plot
+    print(json.dumps(res, indent=2))
+    return 0
+
+
 def cmd_bench(params: Params, args: argparse.Namespace) -> int:
     from srpu_pipelines.bench.ssl import bench_ssl
     from srpu_pipelines.bench.supervised import bench_supervised
@@ -733,6 +745,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", help="write the learning curves as a PNG here")
     b.add_argument("--work-dir", default="outputs/bench/al", help="where runs are written")
     b.set_defaults(func=cmd_bench)
+    b = bsub.add_parser(
+        "al-merge",
+        help="one result from per-seed `bench al --seed k` JSON files",
+        description="Reads the JSON that separate `srpu bench al --seed k` commands printed "
+        "and prints one result over all their seeds (the same summary as one command over "
+        "them all). Their settings and arms must agree; no seed may appear twice.",
+    )
+    b.add_argument("files", nargs="+", help="JSON files printed by `srpu bench al`")
+    b.add_argument("--plot", help="write the learning curves as a PNG here")
+    b.set_defaults(func=cmd_bench_al_merge, needs_params=False)
     return ap
 
 

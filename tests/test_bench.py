@@ -1,5 +1,7 @@
 """The benchmarks' bookkeeping on tiny data (their figures come from real runs, not tests)."""
 
+import json
+
 import pytest
 
 from srpu_pipelines.bench.common import subset_index
@@ -40,8 +42,8 @@ def test_bench_ssl_reports_every_arm_and_k(demo_params, tmp_path):
     assert not [p for p in bench.rglob("*.pt") if (bench / "mae") not in p.parents]
 
 
-def test_bench_al_curves_auc_and_plot(demo_params, tmp_path):
-    from srpu_pipelines.bench.al import bench_al, cut_tiles, plot_curves
+def test_bench_al_curves_auc_and_plot(demo_params, tmp_path, capsys):
+    from srpu_pipelines.bench.al import bench_al, cut_tiles, merge_results, plot_curves
     from srpu_pipelines.data.masks import MaskCodec
 
     idx = build_index(demo_params, show_progress=False)
@@ -96,6 +98,36 @@ def test_bench_al_curves_auc_and_plot(demo_params, tmp_path):
     with pytest.raises(ValueError, match="--rounds must be >= 1"):
         bench_al(demo_params, **{**kw, "rounds": 0})
     assert (tmp_path / "al.png").stat().st_size > 10_000
+    # a seed run by a command of its own merges into the same result as one command over
+    # both seeds (which finds both finished and only summarises them)
+    res1 = bench_al(demo_params, **{**kw, "seed_list": [1]})
+    both = bench_al(demo_params, **{**kw, "seeds": 2})
+    legacy = {k: v for k, v in res.items() if k != "full_label_miou_per_seed"}
+    merged = merge_results([("s0.json", legacy), ("s1.json", res1)])
+    assert merged["seeds"] == both["seeds"] == [0, 1]
+    assert merged["arms"] == both["arms"] and merged["runs"] == both["runs"]
+    assert merged["full_label_miou"] == both["full_label_miou"]
+    assert len(merged["arms"]["entropy"]["paired_auc_gain_vs_random"]) == 2
+    with pytest.raises(ValueError, match="seed 0 appears twice"):
+        merge_results([("a.json", res), ("b.json", both)])
+    with pytest.raises(ValueError, match="b.json has steps_per_round=2"):
+        merge_results([("a.json", res), ("b.json", {**res1, "steps_per_round": 2})])
+    with pytest.raises(ValueError, match="holds seeds \\[0, 1\\] but no"):
+        merge_results([("b.json", {k: v for k, v in both.items() if "per_seed" not in k})])
+    with pytest.raises(ValueError, match="x.json is not a `srpu bench al` result"):
+        merge_results([("x.json", {"bench": "ssl"})])
+    # the command: files in, one JSON out; a missing file is one line naming it
+    from srpu_pipelines.cli import main
+
+    for name, r in (("s0.json", res), ("s1.json", res1)):
+        (tmp_path / name).write_text(json.dumps(r))
+    files = [str(tmp_path / "s0.json"), str(tmp_path / "s1.json")]
+    assert main(["bench", "al-merge", *files, "--plot", str(tmp_path / "m.png")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["arms"] == both["arms"] and out["merged_from"] == files
+    assert (tmp_path / "m.png").stat().st_size > 10_000
+    assert main(["bench", "al-merge", str(tmp_path / "nope.json")]) == 2
+    assert "nope.json: file not found" in capsys.readouterr().err
 
 
 def test_bench_speed_reports_flops_throughput_and_share_of_peak(tiny_params, tmp_path):

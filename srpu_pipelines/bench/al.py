@@ -291,12 +291,52 @@ def bench_al(
             done = {"miou": mf["miou"], "iou": mf["iou"]}
             keep(sd / "full" / "full.json", seed, done)
             drop_weights(sd / "full")
-        full_ref[seed] = done["miou"]
+        full_ref[seed] = round(done["miou"], 4)  # as the JSON keeps it: merges agree
         bar.update()
     bar.close()
+    meta = {
+        "default_strategy": params.active.strategy,
+        "tiles": n_tiles,
+        "tile_size": params.active.tile_size,
+        "initial": initial,
+        "per_round": per_round,
+        "rounds": rounds,
+        "steps_per_round": steps,
+        "budget_s_per_round": budget_s,
+    }
+    return summarize(meta, list(arms), runs, full_ref)
+
+
+# what must agree for seeds run in separate commands to be one result
+MERGE_KEYS = (
+    "bench",
+    "protocol",
+    "tiles",
+    "tile_size",
+    "initial",
+    "per_round",
+    "rounds",
+    "steps_per_round",
+    "budget_s_per_round",
+)
+
+
+def summarize(
+    meta: dict[str, Any],
+    arms: list[str],
+    runs: list[dict[str, Any]],
+    full_ref: dict[int, float],
+) -> dict[str, Any]:
+    """Per arm over the seeds in ``runs``: AUC, tiles to 95 % of the same seed's
+    full-label mIoU, the mean curve and (against random) the paired AUC gain."""
+    seed_ids = sorted(full_ref)
     table = {}
     for arm in arms:
-        rs = [r for r in runs if r["arm"] == arm]
+        rs = sorted((r for r in runs if r["arm"] == arm), key=lambda r: r["seed"])
+        if [r["seed"] for r in rs] != seed_ids:
+            raise InputError(
+                f"bench al: arm {arm!r} has seeds {[r['seed'] for r in rs]}, expected {seed_ids}"
+            )
         aucs = [
             _auc([c["labeled"] for c in r["curve"]], [c["miou"] for c in r["curve"]]) for r in rs
         ]
@@ -339,19 +379,62 @@ def bench_al(
     return {
         "bench": "al",
         "protocol": "every arm picks its own start from zero labels",
-        "default_strategy": params.active.strategy,
-        "tiles": n_tiles,
-        "tile_size": params.active.tile_size,
-        "initial": initial,
-        "per_round": per_round,
-        "rounds": rounds,
-        "steps_per_round": steps,
-        "budget_s_per_round": budget_s,
+        **meta,
         "seeds": seed_ids,
         "full_label_miou": spread([full_ref[s] for s in seed_ids]),
+        "full_label_miou_per_seed": {str(s): round(full_ref[s], 4) for s in seed_ids},
         "arms": table,
-        "runs": runs,
+        "runs": sorted(runs, key=lambda r: (r["seed"], arms.index(r["arm"]))),
     }
+
+
+def merge_results(results: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """One result from per-seed results of separate ``bench al --seed k`` commands
+    (``(name, result)`` pairs, the name for errors): their settings and arms must agree
+    and no seed may appear twice. A result from before ``full_label_miou_per_seed``
+    existed must hold a single seed (its full-label mIoU is then that seed's)."""
+    if not results:
+        raise InputError("bench al-merge: no results given")
+    first_name, first = results[0]
+    runs: list[dict[str, Any]] = []
+    full_ref: dict[int, float] = {}
+    for name, res in results:
+        if res.get("bench") != "al" or "runs" not in res:
+            raise InputError(f"bench al-merge: {name} is not a `srpu bench al` result")
+        for key in MERGE_KEYS:
+            if res.get(key) != first.get(key):
+                raise InputError(
+                    f"bench al-merge: {name} has {key}={res.get(key)!r}, "
+                    f"{first_name} has {first.get(key)!r}: not the same benchmark"
+                )
+        if list(res["arms"]) != list(first["arms"]):
+            raise InputError(
+                f"bench al-merge: {name} has arms {list(res['arms'])}, "
+                f"{first_name} has {list(first['arms'])}"
+            )
+        per_seed = res.get("full_label_miou_per_seed")
+        if per_seed is None:
+            if len(res["seeds"]) != 1:
+                raise InputError(
+                    f"bench al-merge: {name} holds seeds {res['seeds']} but no "
+                    "full_label_miou_per_seed; rerun it with this version"
+                )
+            per_seed = {str(res["seeds"][0]): res["full_label_miou"]["mean"]}
+        for seed_key, miou in per_seed.items():
+            seed = int(seed_key)
+            if seed in full_ref:
+                raise InputError(f"bench al-merge: seed {seed} appears twice ({name})")
+            full_ref[seed] = float(miou)
+        runs.extend(res["runs"])
+    # the shipped strategy picks no arm's tiles (each arm is named): it may have changed
+    # between the commands, and the last file's is the one the plot marks
+    meta = {
+        "default_strategy": results[-1][1].get("default_strategy"),
+        **{k: first[k] for k in MERGE_KEYS if k not in ("bench", "protocol")},
+    }
+    merged = summarize(meta, list(first["arms"]), runs, full_ref)
+    merged["merged_from"] = [name for name, _ in results]
+    return merged
 
 
 def plot_curves(result: dict[str, Any], path: Path) -> None:
