@@ -35,6 +35,7 @@ SELECTION_STRATEGIES = (
     "cold_start",
     "typiclust",
     "probcover",
+    "rare",
     "auto",
 )
 
@@ -377,6 +378,12 @@ class TrainParams(LoopParams):
         description="skip an epoch's validation while validation has taken more than this "
         "share of the elapsed time (the last epoch always validates)",
     )
+    keep_start: bool = Field(
+        default=False,
+        description="a run that starts from a whole trained model (a round warm from the "
+        "champion, a later stage) scores its start weights on validation before the first "
+        "step; they stay the best checkpoint unless training beats them",
+    )
     datasets: list[str] | None = Field(
         default=None, description="sub-datasets to train on (null = all of data.datasets)"
     )
@@ -615,7 +622,7 @@ class ActiveParams(_Strict):
         default="typiclust",
         description="the registered selection strategy (active_learning/strategies.py): "
         "random, one uncertainty score, weighted, coreset, kmeans, cold_start, typiclust, "
-        "probcover, auto",
+        "probcover, rare, auto",
     )
     scoring_fanout: Literal["none", "per_dataset"] = Field(
         default="none",
@@ -644,6 +651,19 @@ class ActiveParams(_Strict):
     typiclust_max_clusters: int = Field(default=500, ge=2, description="typiclust: cluster cap")
     probcover_purity: float = Field(
         default=0.95, gt=0, le=1, description="probcover: share of pure balls that sets delta"
+    )
+    rare_floor: float = Field(
+        default=0.001,
+        gt=0,
+        le=1,
+        description="rare: the smallest labelled share a class's need is computed from (a "
+        "class in no label needs 1 / rare_floor)",
+    )
+    rare_clusters: float = Field(
+        default=4.0,
+        ge=1.0,
+        description="rare: k-means clusters per pick (rare_clusters x batch_size), one pick "
+        "per cluster",
     )
     strategies: list[str] = Field(
         default_factory=lambda: [
@@ -705,7 +725,7 @@ class ActiveParams(_Strict):
     def scores_labeled(self) -> bool:
         """Whether selection measures distances to what is labelled, so labelled images
         are scored too (for their embeddings)."""
-        if self.strategy in ("coreset", "typiclust", "probcover", "auto"):
+        if self.strategy in ("coreset", "typiclust", "probcover", "rare", "auto"):
             return True
         return self.strategy == "weighted" and self.diversity == "coreset"
 

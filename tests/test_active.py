@@ -95,6 +95,10 @@ def test_score_probabilities_ranks_images_and_tiles():
     tile_means = [t["scores"]["entropy"]["mean"] for t in b["tiles"]]
     assert int(np.argmax(tile_means)) == 1 and tile_means[1] == pytest.approx(1.0, abs=1e-5)
     assert a["image"]["boundary_entropy"]["mean"] == 0.0  # one class: no boundary
+    # expected class shares (strategy rare): the mean probabilities, per tile and image
+    assert a["class_probs"] == [1.0, 0.0, 0.0]
+    assert b["tiles"][1]["class_probs"] == pytest.approx([1 / 3] * 3, abs=1e-3)
+    assert b["class_probs"] == pytest.approx([0.75 + 0.25 / 3, 0.25 / 3, 0.25 / 3], abs=1e-3)
 
 
 def test_tile_grid_covers_odd_sizes_without_overlap():
@@ -240,6 +244,40 @@ def test_probcover_covers_each_cluster_once_then_elsewhere():
     assert sorted(r // 20 for r in rows) == [0, 1, 2]
     rows = get_strategy("probcover")(_pool(emb, 2, centres=emb[:2].copy())).rows
     assert 0 not in [r // 20 for r in rows]  # cluster 0 is covered by the labels
+
+
+def test_rare_seeks_what_the_labels_lack_one_pick_per_cluster():
+    from srpu_pipelines.active_learning.strategies import LabelState, get_strategy
+
+    emb = _blobs([10, 10, 10], [[0, 0], [4, 0], [0, 4]])
+    probs = np.zeros((30, 3))
+    probs[:10] = [0.9, 0.1, 0.0]  # cluster 0: background
+    probs[10:20] = [0.2, 0.8, 0.0]  # cluster 1: oxide
+    probs[20:] = [0.6, 0.39, 0.01]  # cluster 2: a little crack
+    probs[25] = [0.5, 0.45, 0.05]  # the likeliest crack of all
+
+    def pool(k, pixels, **active):
+        p = _pool(emb, k, scores={"entropy": np.zeros(30)}, labeled=4, **active)
+        p.state = LabelState(4, (), tuple(pixels))
+        p.class_probs, p.pixels = probs, np.full(30, 100.0)
+        return p
+
+    # no crack pixel labelled yet: the tile likeliest to hold crack comes first
+    c = get_strategy("rare")(pool(1, [300.0, 100.0, 0.0]))
+    assert c.rows == [25] and "rare" in c.how and c.combined[25] == 1.0
+    # the needs move within a batch: one pick per cluster, and the next picks go to
+    # what is then scarcest (oxide before background here)
+    rows = get_strategy("rare")(pool(3, [300.0, 100.0, 0.0], rare_clusters=1.0)).rows
+    assert rows[0] == 25 and [r // 10 for r in rows] == [2, 1, 0]
+    # labels short of background (the picks so far held little): it is sought, not oxide
+    rows = get_strategy("rare")(pool(1, [10.0, 1000.0, 50.0])).rows
+    assert rows[0] < 10
+    # a candidate's crack share raised: it overtakes the others
+    probs[3] = [0.8, 0.1, 0.1]
+    assert get_strategy("rare")(pool(1, [300.0, 100.0, 0.0])).rows == [3]
+    # no predictions yet (a cold start): typiclust
+    cold = get_strategy("rare")(_pool(emb, 3))
+    assert "typiclust" in cold.how.lower() and sorted(r // 10 for r in cold.rows) == [0, 1, 2]
 
 
 def test_auto_is_typical_first_then_uncertain():

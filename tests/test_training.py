@@ -53,6 +53,40 @@ def test_interrupted_run_resumes_and_keeps_best(demo_params, index):
     assert again.steps == 6 and again.history == res.history
 
 
+def test_a_warm_start_keeps_its_weights_unless_training_beats_them(demo_params, index):
+    trained = demo_params.model_copy(deep=True)
+    trained.train.epochs = 12  # a start that predicts more than the commonest class
+    first = train_stage(trained, index, progress=False)
+    start = demo_params.train.out_dir / "best.pt"
+
+    def warm(keep: bool, folder: str):
+        p = demo_params.model_copy(deep=True)
+        p.train.out_dir = demo_params.train.out_dir.parent / folder
+        p.train.lr, p.train.warmup_steps, p.train.epochs = 5.0, 0, 1  # a step that wrecks it
+        p.train.keep_start = keep
+        return train_stage(p, index, init_weights=start, init_require="model", progress=False)
+
+    kept, off = warm(True, "kept"), warm(False, "off")
+    # the start is scored first (its score is the first run's best) and competes: the
+    # wrecked epoch scores below it, so best.pt is the start itself
+    score = kept.info["start_val_miou"]
+    assert score == pytest.approx(first.best_miou, abs=1e-6)
+    assert off.history[0]["val_miou"] < score
+    assert kept.best_epoch == 0 and kept.best_miou == score
+    a, _ = read_checkpoint(start)
+    b, cfg = read_checkpoint(kept.best_checkpoint)
+    assert cfg["epoch"] == 0 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    saved = json.loads((kept.best_checkpoint.parent / "train_metrics.json").read_text())
+    assert saved["start_val_miou"] == score
+    # off: the best is an epoch that trained, whatever it scores
+    assert off.best_epoch == 1 and "start_val_miou" not in off.info
+    # an encoder alone (MAE) is no model to keep: nothing is scored before training
+    p = demo_params.model_copy(deep=True)
+    p.train.out_dir, p.train.keep_start = demo_params.train.out_dir.parent / "enc", True
+    res = train_stage(p, index, init_weights=start, init_require="encoder", progress=False)
+    assert res.best_epoch >= 1
+
+
 def test_resume_refuses_other_settings(demo_params, index):
     train_stage(demo_params, index, progress=False)
     other = demo_params.model_copy(deep=True)

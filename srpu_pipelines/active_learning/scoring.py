@@ -49,7 +49,7 @@ from srpu_pipelines.io.files import (
 
 log = logging.getLogger(__name__)
 COLD_KEY = "cold-start"  # model_key of records made without a model
-SCORES_VERSION = 2  # 2: the data bar is cut off before scoring
+SCORES_VERSION = 3  # 2: the data bar is cut off before scoring; 3: class_probs per tile
 
 
 def safe_name(item_id: str) -> str:
@@ -315,6 +315,7 @@ def score_image(
     )
     fractions = np.bincount(probs.argmax(0).ravel(), minlength=probs.shape[0]) / probs[0].size
     record["image_scores"] = sc["image"]
+    record["class_probs"] = sc["class_probs"]
     record["tiles"] = sc["tiles"]
     record["predicted_fractions"] = [round(float(f), 6) for f in fractions]
     emb = tile_embeddings(model, img, tiles, in_channels, inference_runtime(params.inference))
@@ -332,7 +333,7 @@ def score_pool(
     """Score every pool image whose stored record is stale (another model, image content or
     settings) or missing; keep the rest. ``checkpoint`` None scores for a cold start.
     Where selection measures distances to what is labelled (``active.scores_labeled``:
-    core-set, TypiClust, ProbCover, auto), labelled images are scored too, for their
+    core-set, TypiClust, ProbCover, rare, auto), labelled images are scored too, for their
     embeddings (nothing else reads them).
 
     Writes ``scores/summary.json`` (per image: its scores per strategy and aggregation, the

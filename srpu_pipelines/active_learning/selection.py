@@ -3,7 +3,7 @@
 Candidates are pool images (or their tiles) with a fresh score record, minus everything
 already labelled or already awaiting correction. The registered strategy named by
 ``active.strategy`` (``active_learning/strategies.py``: random, each uncertainty score,
-weighted, core-set, k-means, TypiClust, ProbCover, the cold start, auto) chooses among
+weighted, core-set, k-means, TypiClust, ProbCover, rare, the cold start, auto) chooses among
 them; scores are rank-normalised over the candidates (0 = most certain, 1 = most
 uncertain), embeddings are the encoder's features (appearance features in a cold start).
 """
@@ -48,6 +48,8 @@ class Candidate:
     box: tuple[int, int, int, int] | None  # (y, x, h, w) for a tile, None for the image
     scores: dict[str, float]
     embedding: np.ndarray = field(repr=False)
+    class_probs: list[float] | None = None  # expected class shares (mean probabilities)
+    pixels: int = 0  # the unit's area in px
 
 
 def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
@@ -109,6 +111,8 @@ def candidates(
                     None,
                     sc,
                     emb.mean(0),
+                    rec.get("class_probs"),
+                    int(rec["height"] - rec.get("data_bar_rows", 0)) * int(rec["width"]),
                 )
             )
             continue
@@ -130,6 +134,8 @@ def candidates(
                     box,
                     sc,
                     row,
+                    t.get("class_probs"),
+                    int(t["h"]) * int(t["w"]),
                 )
             )
     dim = out[0].embedding.shape[0] if out else 0
@@ -144,14 +150,22 @@ def _unit(x: np.ndarray, mean: np.ndarray) -> np.ndarray:
 
 
 def label_state(index: dict[str, Any], num_classes: int) -> LabelState:
-    """How many items train the model (labelled, in the train split) and which classes
-    none of their masks shows."""
+    """How many items train the model (labelled, in the train split), which classes none
+    of their masks shows, and how many labelled pixels each class has."""
     seen = np.zeros(num_classes, bool)
+    pixels = np.zeros(num_classes)
     train = [it for it in index["items"] if it.get("split") == "train"]
     for it in train:
-        fr = it.get("class_fractions") or []
-        seen[: len(fr)] |= np.asarray(fr[:num_classes], float) > 0
-    return LabelState(len(train), tuple(int(c) for c in np.flatnonzero(~seen)))
+        fr = np.asarray((it.get("class_fractions") or [])[:num_classes], float)
+        seen[: len(fr)] |= fr > 0
+        rows = float(it.get("height") or 0) - float(it.get("data_bar_rows") or 0)
+        area = max(rows, 0.0) * float(it.get("width") or 0)  # the sample above the bar
+        pixels[: len(fr)] += fr * area
+    return LabelState(
+        len(train),
+        tuple(int(c) for c in np.flatnonzero(~seen)),
+        tuple(round(float(v), 1) for v in pixels),
+    )
 
 
 def selection_space(raw: np.ndarray, centres: np.ndarray | None, cold: bool):
@@ -181,7 +195,8 @@ def select(
     """Pick ``active.batch_size`` candidates with the registered strategy
     ``active.strategy`` (or ``strategy``); returns them in rank order as dicts with the
     combined score and the score per strategy. ``centres`` (M, D): embeddings of what is
-    labelled or awaiting correction; ``state``: what is labelled (for ``auto``)."""
+    labelled or awaiting correction; ``state``: what is labelled (for ``auto`` and
+    ``rare``)."""
     a = params.active
     k = min(a.batch_size, len(cands))
     if k == 0:
@@ -191,6 +206,9 @@ def select(
     emb, cen = selection_space(np.stack([c.embedding for c in cands]), centres, cold)
     names = sorted(cands[0].scores) if not cold else []
     scores = {s: np.array([c.scores[s] for c in cands], float) for s in names}
+    probs = [c.class_probs for c in cands]
+    known = all(q is not None for q in probs) and len({len(q) for q in probs}) == 1
+    class_probs = np.array(probs, float) if not cold and known else None
     pool = Pool(
         ids=[c.id for c in cands],
         scores=scores,
@@ -200,6 +218,8 @@ def select(
         seed=seed,
         state=state or LabelState(),
         active=a,
+        class_probs=class_probs,
+        pixels=np.array([c.pixels for c in cands], float),
     )
     name = strategy or a.strategy
     choice = get_strategy(name)(pool)

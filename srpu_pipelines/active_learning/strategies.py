@@ -7,7 +7,8 @@ scores, where a model made them), their embeddings in one space (the encoder's f
 centred and scaled to unit length; appearance features standardised per dimension in a
 cold start), the embeddings of what is labelled or awaiting correction, the batch size,
 a seed and the label state (how many items are labelled, which classes none of them
-shows). It returns the chosen rows in rank order.
+shows, how many labelled pixels each class has); where a model scored them, each
+candidate's expected class shares and area. It returns the chosen rows in rank order.
 
 - ``random``: a seeded random batch (the baseline every other strategy must beat).
 - one per uncertainty score (``entropy``, ``margin``, ...): the most uncertain by it.
@@ -21,6 +22,14 @@ shows). It returns the chosen rows in rank order.
 - ``probcover`` (Yehuda et al. 2022): balls of radius delta (the largest whose balls stay
   pure to a k-means partition in ``active.probcover_purity`` of points); greedy maximum
   coverage of what labelled balls do not cover yet.
+- ``rare``: picks that seek the phases the labels hold least of. Each class needs
+  ``1 / max(its share of the labelled pixels, active.rare_floor)``; a candidate's gain is
+  its expected class shares (mean predicted probabilities) weighted by those needs; the
+  best gain is taken, its expected pixels are added to the labelled ones (so the needs
+  move within the batch: a class that becomes scarce, background included, is sought
+  next), and one pick per k-means cluster of the embeddings
+  (``active.rare_clusters x batch_size`` clusters) keeps the batch diverse. Without a
+  model (no predictions) or labelled pixels it is ``typiclust``.
 - ``cold_start``: k-means on the features, the point nearest each centre.
 - ``auto``: ``typiclust`` while fewer than ``active.auto_uncertainty_after`` items are
   labelled or some class is in no label yet, then ``weighted`` (uncertainty with
@@ -48,10 +57,12 @@ MAX_DENSE = 4096  # candidates above this are subsampled (seeded) for the pairwi
 
 @dataclass
 class LabelState:
-    """What is labelled so far: the count and the classes no label shows yet."""
+    """What is labelled so far: the count, the classes no label shows yet and the
+    labelled pixels per class."""
 
     labeled: int = 0
     classes_missing: tuple[int, ...] = ()
+    class_pixels: tuple[float, ...] = ()  # labelled pixels per class
 
 
 @dataclass
@@ -66,6 +77,8 @@ class Pool:
     seed: int
     state: LabelState
     active: ActiveParams
+    class_probs: np.ndarray | None = None  # (N, C) expected class shares, where predicted
+    pixels: np.ndarray | None = None  # (N,) each candidate's area in px, where known
 
     @property
     def cold(self) -> bool:
@@ -423,6 +436,64 @@ class ProbCoverStrategy(Strategy):
             [int(rows[i]) for i in taken],
             np.zeros(len(pool.ids)),
             f"ProbCover: delta {delta:.3g}, greedy coverage",
+        )
+
+
+@register
+class RareStrategy(Strategy):
+    name = "rare"
+    description = (
+        "the best expected share of the classes the labels hold least of, one per "
+        "embedding cluster (typiclust without a model)"
+    )
+
+    def choose(self, pool: Pool) -> Choice:
+        given = np.asarray(pool.state.class_pixels, float)
+        if pool.cold or pool.class_probs is None or given.sum() <= 0:
+            c = REGISTRY["typiclust"]().choose(pool)
+            why = "no labelled pixels" if given.sum() <= 0 else "no predictions yet"
+            return Choice(c.rows, c.combined, f"rare ({why}): {c.how}")
+        a = pool.active
+        f = np.clip(pool.class_probs, 0.0, None)  # no N x N here: every candidate counts
+        n, nc = f.shape
+        have = np.zeros(nc)
+        have[: min(nc, len(given))] = given[:nc]
+        if pool.pixels is not None and (pool.pixels > 0).all():
+            px = pool.pixels.astype(float)
+        else:  # areas unknown: as large as the mean labelled item
+            px = np.full(n, have.sum() / max(pool.state.labeled, 1))
+        rows = np.arange(n)
+        n_clusters = min(n, max(pool.k, int(math.ceil(a.rare_clusters * pool.k))))
+        clusters = _kmeans(pool.emb[rows], n_clusters, pool.seed).labels_
+        open_ = np.ones(n, bool)
+        taken: list[int] = []
+        first = np.zeros(n)
+        needs: list[np.ndarray] = []
+        for step in range(min(pool.k, n)):
+            share = have / have.sum() if have.sum() > 0 else np.zeros(nc)
+            need = 1.0 / np.maximum(share, a.rare_floor)
+            need /= need.sum()
+            gain = f @ need
+            if step == 0:
+                first = gain
+            g = np.where(open_, gain, -np.inf)
+            best = int(np.argmax(g))  # ties: the first row (a fixed order)
+            if not np.isfinite(g[best]):
+                break
+            taken.append(best)
+            needs.append(need)
+            open_ &= clusters != clusters[best]
+            if not open_.any():  # more picks than clusters: reopen the rest
+                open_ = np.ones(n, bool)
+                open_[taken] = False
+            have = have + f[best] * px[best]
+        combined = np.zeros(len(pool.ids))
+        combined[rows] = rank_normalise(first)
+        w = ", ".join(f"{v:.2f}" for v in needs[0]) if needs else ""
+        return Choice(
+            [int(rows[i]) for i in taken],
+            combined,
+            f"rare: class needs [{w}] (1 / labelled share, normalised), {n_clusters} clusters",
         )
 
 

@@ -139,8 +139,10 @@ def score_probabilities(
     probs (C, H, W) mean prediction; member_var (H, W) from :func:`member_variance` or
     None; ``valid`` bool (H, W)
     pixels that count (None: all; e.g. not the SEM information bar). Returns
-    ``{"image": {strategy: {aggregation: value}}, "tiles": [{"y","x","h","w", "scores"}],
-    "maps": {base map name: (H, W)}}``; the maps are what heat maps are drawn from.
+    ``{"image": {strategy: {aggregation: value}}, "class_probs": [C],
+    "tiles": [{"y","x","h","w", "scores", "class_probs"}], "maps": {base map name: (H, W)}}``;
+    ``class_probs`` are the mean class probabilities (expected class shares); the maps are
+    what heat maps are drawn from.
     """
     c, h, w = probs.shape
     labels = probs.argmax(0).astype(np.uint8)  # 1 byte a pixel: mosaics are large
@@ -161,9 +163,27 @@ def score_probabilities(
             out[s] = aggregate(maps[base][sl], region, labels[sl], c, topk_fraction)
         return out
 
+    def class_probs(sl: tuple[slice, slice]) -> list[float]:
+        """Mean probability of each class over the valid pixels: the expected class
+        shares, which strategy ``rare`` reads (soft, so a class the model rarely predicts
+        still shows where it is likeliest)."""
+        v = valid[sl]
+        if not v.any():
+            return [0.0] * c
+        if v.all():  # no copy through the mask: mosaics are large
+            return [round(float(probs[k][sl].mean(dtype=np.float64)), 6) for k in range(c)]
+        return [round(float(probs[k][sl][v].mean(dtype=np.float64)), 6) for k in range(c)]
+
     full = (slice(0, h), slice(0, w))
-    tile_scores = [
-        {"y": y, "x": x, "h": th, "w": tw, "scores": scores((slice(y, y + th), slice(x, x + tw)))}
-        for y, x, th, tw in (tiles or [])
-    ]
-    return {"image": scores(full), "tiles": tile_scores, "maps": maps}
+    tile_scores = []
+    for y, x, th, tw in tiles or []:
+        sl = (slice(y, y + th), slice(x, x + tw))
+        tile_scores.append(
+            {"y": y, "x": x, "h": th, "w": tw, "scores": scores(sl), "class_probs": class_probs(sl)}
+        )
+    return {
+        "image": scores(full),
+        "class_probs": class_probs(full),
+        "tiles": tile_scores,
+        "maps": maps,
+    }

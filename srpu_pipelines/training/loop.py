@@ -381,6 +381,11 @@ class Loop:
         self._t0 = time.monotonic() - self._elapsed0
         last_save = time.monotonic()
         self.finishing = dist.broadcast_flag(self.out_of_budget(), self.dist, self.rt.device)
+        if self.step == 0 and self.dist.is_main:  # a fresh run (not a resumed one)
+            start = self.task.score_start(self)
+            if start is not None and start > self.best:
+                self.best, self.best_epoch = start, 0
+                self.task.save_best(self, {"epoch": 0, "step": 0, "val_miou": start})
         while not self.finishing:
             epoch_losses, logs, stopped = self._epoch(model, net, opt, scaler)
             losses += epoch_losses

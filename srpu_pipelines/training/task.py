@@ -183,6 +183,11 @@ class Task:
         """Forward pass and loss of one batch (under autocast): (loss, values to log)."""
         raise NotImplementedError
 
+    def score_start(self, loop: Loop) -> float | None:
+        """Score the start weights before the first step, so that they compete for the
+        best checkpoint (None: they do not). Rank 0 only."""
+        return None
+
     def on_epoch_end(self, loop: Loop, rec: dict[str, Any]) -> float | None:
         """Score the epoch (higher is better; None: not scored this epoch). Rank 0 only."""
         return None

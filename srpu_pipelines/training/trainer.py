@@ -123,6 +123,7 @@ class StageTask(Task):
         self.init = str(init) if init else None
         self.find_unused_parameters = is_vit_encoder(setup.model.encoder)
         self.val_seconds = 0.0
+        self.start_score: float | None = None  # the start weights' val score (keep_start)
         self._best: tuple[dict[str, Any], dict[str, Any]] | None = None  # not yet on disk
         self._fingerprint: str | None = None
 
@@ -266,6 +267,23 @@ class StageTask(Task):
             "confident_share": share,
         }
 
+    def score_start(self, loop: Loop) -> float | None:
+        # only a whole trained model: an encoder alone (MAE) with a fresh decoder scores
+        # nothing worth keeping
+        if not (self.tp.keep_start and self.init_require == "model" and self.val_samples):
+            return None
+        score = self._validate(loop)["miou"]
+        log.info("start weights %s: val mIoU %.4f, kept unless training beats it", self.init, score)
+        self.start_score = score
+        return score
+
+    def _validate(self, loop: Loop) -> dict[str, Any]:
+        t = time.monotonic()
+        scores = validate(loop.eval_model, self.val_samples, self.setup, loop)
+        self.train_mode(loop.model)
+        self.val_seconds += time.monotonic() - t
+        return scores
+
     def on_epoch_end(self, loop: Loop, rec: dict[str, Any]) -> float | None:
         if not self.val_samples:
             # no validation images: keep the lowest-loss weights, report no val score
@@ -277,10 +295,7 @@ class StageTask(Task):
         )
         if not (due or loop.finishing):
             return None
-        t = time.monotonic()
-        scores = validate(loop.eval_model, self.val_samples, self.setup, loop)
-        self.train_mode(loop.model)
-        self.val_seconds += time.monotonic() - t
+        scores = self._validate(loop)
         rec.update(val_miou=scores["miou"], val_iou=scores["iou"], val_mdice=scores["mdice"])
         return scores["miou"]
 
@@ -308,6 +323,8 @@ class StageTask(Task):
 
     def on_train_end(self, loop: Loop, result: RunResult) -> None:
         result.info["validation_seconds"] = round(self.val_seconds, 1)
+        if self.start_score is not None:
+            result.info["start_val_miou"] = self.start_score
         if self.plan is not None:
             result.info["plan"] = self.plan.as_dict()
         atomic_write_json(self.out / "train_metrics.json", train_summary(result))
@@ -321,6 +338,7 @@ def train_summary(result: RunResult) -> dict[str, Any]:
         "steps": result.steps,
         "train_seconds": round(result.seconds, 1),
         "history": result.history,
+        "start_val_miou": result.info.get("start_val_miou"),  # keep_start: the start's score
         "plan": result.info.get("plan"),
     }
 
