@@ -619,7 +619,7 @@ class ActiveParams(_Strict):
     tile_size: int = Field(default=256, ge=32, description="side of a selection tile in px")
     batch_size: int = Field(default=4, ge=1, description="items selected per round")
     strategy: str = Field(
-        default="typiclust",
+        default="rare",
         description="the registered selection strategy (active_learning/strategies.py): "
         "random, one uncertainty score, weighted, coreset, kmeans, cold_start, typiclust, "
         "probcover, rare, auto",

@@ -59,10 +59,10 @@ def test_a_warm_start_keeps_its_weights_unless_training_beats_them(demo_params, 
     first = train_stage(trained, index, progress=False)
     start = demo_params.train.out_dir / "best.pt"
 
-    def warm(keep: bool, folder: str):
+    def warm(keep: bool, folder: str, epochs: int = 1):
         p = demo_params.model_copy(deep=True)
         p.train.out_dir = demo_params.train.out_dir.parent / folder
-        p.train.lr, p.train.warmup_steps, p.train.epochs = 5.0, 0, 1  # a step that wrecks it
+        p.train.lr, p.train.warmup_steps, p.train.epochs = 5.0, 0, epochs  # steps that wreck it
         p.train.keep_start = keep
         return train_stage(p, index, init_weights=start, init_require="model", progress=False)
 
@@ -80,11 +80,17 @@ def test_a_warm_start_keeps_its_weights_unless_training_beats_them(demo_params, 
     assert saved["start_val_miou"] == score
     # off: the best is an epoch that trained, whatever it scores
     assert off.best_epoch == 1 and "start_val_miou" not in off.info
+    # resumed for a longer run: the start is not scored again (the resumed run is past
+    # step 0) and its score comes back from last.pt
+    longer = warm(True, "kept", epochs=2)
+    assert longer.resumed and [h["epoch"] for h in longer.history] == [1, 2]
+    assert longer.info["start_val_miou"] == score
+    assert longer.best_epoch in (0, 2) and (longer.best_epoch == 0) == (longer.best_miou == score)
     # an encoder alone (MAE) is no model to keep: nothing is scored before training
     p = demo_params.model_copy(deep=True)
     p.train.out_dir, p.train.keep_start = demo_params.train.out_dir.parent / "enc", True
     res = train_stage(p, index, init_weights=start, init_require="encoder", progress=False)
-    assert res.best_epoch >= 1
+    assert res.best_epoch >= 1 and "start_val_miou" not in res.info
 
 
 def test_resume_refuses_other_settings(demo_params, index):

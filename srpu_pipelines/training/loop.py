@@ -154,6 +154,7 @@ class Loop:
         self.best, self.best_epoch = -math.inf, -1
         self.history: list[dict[str, Any]] = []
         self.finishing = False  # the epoch ending now is the run's last
+        self.start_score: float | None = None  # the start weights' score (Task.score_start)
         self.lr = 0.0
         self._elapsed0 = 0.0
         self._t0 = time.monotonic()
@@ -285,6 +286,7 @@ class Loop:
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.best, self.best_epoch = float(state["best_score"]), int(state["best_epoch"])
         self.history = list(state["history"])
+        self.start_score = state.get("start_score")  # absent in runs saved before keep_start
         self._elapsed0 = float(state["elapsed_s"])
         self._t0 = time.monotonic() - self._elapsed0
 
@@ -312,6 +314,7 @@ class Loop:
             "best_epoch": self.best_epoch,
             "elapsed_s": self.elapsed(),
             "history": self.history,
+            "start_score": self.start_score,
             "fingerprint": self.fingerprint,
             "finished": finished,
             "ema": self.ema.state_dict() if self.ema is not None else None,
@@ -376,16 +379,21 @@ class Loop:
 
     def _train(self, model: nn.Module, opt, scaler) -> list[float]:
         net, losses = self._wrap(model), []
+        if self.step == 0 and self.dist.is_main:  # a fresh run (not a resumed one)
+            # scored before the clock starts: the start's validation is not training time
+            self.start_score = self.task.score_start(self)
+            if self.start_score is not None and self.start_score > self.best:
+                self.best, self.best_epoch = self.start_score, 0
+                self.task.save_best(self, {"epoch": 0, "step": 0, "val_miou": self.start_score})
         # the budget's clock runs from the first step (data loading is not in it), on
         # from where a resumed run stopped; every process goes by rank 0's clock
         self._t0 = time.monotonic() - self._elapsed0
         last_save = time.monotonic()
         self.finishing = dist.broadcast_flag(self.out_of_budget(), self.dist, self.rt.device)
-        if self.step == 0 and self.dist.is_main:  # a fresh run (not a resumed one)
-            start = self.task.score_start(self)
-            if start is not None and start > self.best:
-                self.best, self.best_epoch = start, 0
-                self.task.save_best(self, {"epoch": 0, "step": 0, "val_miou": start})
+        if self.finishing and self.best_epoch == 0 and self.dist.is_main:
+            # no budget left for an epoch: the kept start is the run's outcome
+            self.task.save_outputs(self, {})
+            self.save_last(model, opt, scaler, finished=True)
         while not self.finishing:
             epoch_losses, logs, stopped = self._epoch(model, net, opt, scaler)
             losses += epoch_losses

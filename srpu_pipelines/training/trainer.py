@@ -123,7 +123,6 @@ class StageTask(Task):
         self.init = str(init) if init else None
         self.find_unused_parameters = is_vit_encoder(setup.model.encoder)
         self.val_seconds = 0.0
-        self.start_score: float | None = None  # the start weights' val score (keep_start)
         self._best: tuple[dict[str, Any], dict[str, Any]] | None = None  # not yet on disk
         self._fingerprint: str | None = None
 
@@ -135,7 +134,9 @@ class StageTask(Task):
         """Settings, data (by content) and the start weights (by content, so a retrained
         earlier stage re-runs the stages after it)."""
         tp = self.tp
-        t = tp.model_dump(mode="json", exclude=EXECUTION_KEYS | _NOT_LEARNED)
+        # keep_start off is left out, so runs saved before the key existed still resume
+        off = set() if tp.keep_start else {"keep_start"}
+        t = tp.model_dump(mode="json", exclude=EXECUTION_KEYS | _NOT_LEARNED | off)
         hashes = image_hashes(self.index)
         init = self.init
         blob = {
@@ -149,6 +150,8 @@ class StageTask(Task):
             "val_data": [(i["id"], i["image_sha256"], i["mask_sha256"]) for i in self.val_items],
             "unlabeled": [hashes.get(p, p) for p in self._semi_paths()] if tp.semi.enabled else [],
         }
+        if tp.keep_start:  # whether the start competes for best.pt depends on what it is
+            blob["init_require"] = self.init_require
         self._fingerprint = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
         return self._fingerprint
 
@@ -270,18 +273,23 @@ class StageTask(Task):
     def score_start(self, loop: Loop) -> float | None:
         # only a whole trained model: an encoder alone (MAE) with a fresh decoder scores
         # nothing worth keeping
-        if not (self.tp.keep_start and self.init_require == "model" and self.val_samples):
+        if not self.tp.keep_start:
             return None
-        score = self._validate(loop)["miou"]
+        if self.init_require != "model" or not self.val_samples:
+            why = "no validation images" if self.init_require == "model" else "no whole model"
+            log.info("train.keep_start: nothing to keep (%s to start from)", why)
+            return None
+        score = self._validate(loop, timed=False)["miou"]
         log.info("start weights %s: val mIoU %.4f, kept unless training beats it", self.init, score)
-        self.start_score = score
         return score
 
-    def _validate(self, loop: Loop) -> dict[str, Any]:
+    def _validate(self, loop: Loop, timed: bool = True) -> dict[str, Any]:
+        # timed: counts towards val_time_share (the start's scoring is outside the clock)
         t = time.monotonic()
         scores = validate(loop.eval_model, self.val_samples, self.setup, loop)
         self.train_mode(loop.model)
-        self.val_seconds += time.monotonic() - t
+        if timed:
+            self.val_seconds += time.monotonic() - t
         return scores
 
     def on_epoch_end(self, loop: Loop, rec: dict[str, Any]) -> float | None:
@@ -323,8 +331,8 @@ class StageTask(Task):
 
     def on_train_end(self, loop: Loop, result: RunResult) -> None:
         result.info["validation_seconds"] = round(self.val_seconds, 1)
-        if self.start_score is not None:
-            result.info["start_val_miou"] = self.start_score
+        if loop.start_score is not None:
+            result.info["start_val_miou"] = loop.start_score
         if self.plan is not None:
             result.info["plan"] = self.plan.as_dict()
         atomic_write_json(self.out / "train_metrics.json", train_summary(result))
