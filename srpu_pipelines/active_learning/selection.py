@@ -112,7 +112,7 @@ def candidates(
                     sc,
                     emb.mean(0),
                     rec.get("class_probs"),
-                    int(rec["height"] - rec.get("data_bar_rows", 0)) * int(rec["width"]),
+                    int(sample_pixels(rec)),
                 )
             )
             continue
@@ -149,6 +149,13 @@ def _unit(x: np.ndarray, mean: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def sample_pixels(d: dict[str, Any]) -> float:
+    """The area in px of an image's sample (above the data bar), from an index item or a
+    score record (both carry height, width and data_bar_rows)."""
+    rows = float(d.get("height") or 0) - float(d.get("data_bar_rows") or 0)
+    return max(rows, 0.0) * float(d.get("width") or 0)
+
+
 def label_state(index: dict[str, Any], num_classes: int) -> LabelState:
     """How many items train the model (labelled, in the train split), which classes none
     of their masks shows, and how many labelled pixels each class has."""
@@ -158,9 +165,7 @@ def label_state(index: dict[str, Any], num_classes: int) -> LabelState:
     for it in train:
         fr = np.asarray((it.get("class_fractions") or [])[:num_classes], float)
         seen[: len(fr)] |= fr > 0
-        rows = float(it.get("height") or 0) - float(it.get("data_bar_rows") or 0)
-        area = max(rows, 0.0) * float(it.get("width") or 0)  # the sample above the bar
-        pixels[: len(fr)] += fr * area
+        pixels[: len(fr)] += fr * sample_pixels(it)
     return LabelState(
         len(train),
         tuple(int(c) for c in np.flatnonzero(~seen)),

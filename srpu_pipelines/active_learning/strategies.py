@@ -462,9 +462,8 @@ class RareStrategy(Strategy):
             px = pool.pixels.astype(float)
         else:  # areas unknown: as large as the mean labelled item
             px = np.full(n, have.sum() / max(pool.state.labeled, 1))
-        rows = np.arange(n)
         n_clusters = min(n, max(pool.k, int(math.ceil(a.rare_clusters * pool.k))))
-        clusters = _kmeans(pool.emb[rows], n_clusters, pool.seed).labels_
+        clusters = _kmeans(pool.emb, n_clusters, pool.seed).labels_
         open_ = np.ones(n, bool)
         taken: list[int] = []
         first = np.zeros(n)
@@ -487,12 +486,10 @@ class RareStrategy(Strategy):
                 open_ = np.ones(n, bool)
                 open_[taken] = False
             have = have + f[best] * px[best]
-        combined = np.zeros(len(pool.ids))
-        combined[rows] = rank_normalise(first)
         w = ", ".join(f"{v:.2f}" for v in needs[0]) if needs else ""
         return Choice(
-            [int(rows[i]) for i in taken],
-            combined,
+            taken,
+            rank_normalise(first),
             f"rare: class needs [{w}] (1 / labelled share, normalised), {n_clusters} clusters",
         )
 
