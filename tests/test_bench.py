@@ -199,3 +199,30 @@ def test_bench_supervised_sets_peer_and_resume(demo_params, tmp_path, monkeypatc
     kept = tmp_path / "kept"
     sup.bench_supervised({"a": demo_params}, 1, None, 1, kept, progress=False, keep_weights=True)
     assert [p.name for p in kept.rglob("*.pt")] == ["best.pt"]
+
+
+def test_cpu_peak_follows_an_instruction_set_cap(monkeypatch):
+    """An AVX-512 host run as an AVX2-only one (torch's and oneDNN's/MKL's variables) is
+    measured against the AVX2 peak, and a variable left unset or set wide caps nothing."""
+    from srpu_pipelines.compute import flops as F
+
+    assert F.isa_cap({}) == (None, "")
+    assert F.isa_cap({"ONEDNN_MAX_CPU_ISA": "ALL", "MKL_ENABLE_INSTRUCTIONS": "AVX512"}) == (
+        None,
+        "",
+    )
+    cap, why = F.isa_cap({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert cap == 32 and "ATEN_CPU_CAPABILITY=avx2" in why and "ONEDNN_MAX_CPU_ISA=AVX2" in why
+    assert F.isa_cap({"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "AVX2"})[0] == 16
+
+    flags = "fpu sse avx avx2 fma avx512f avx512_bf16 amx_bf16"
+    monkeypatch.setattr(F, "_cpuinfo", lambda: f"model name : X\nflags : {flags}\ncpu MHz : 2000.0\n")
+    monkeypatch.setattr(F, "cpu_clock_ghz", lambda info=None: (2.0, "test"))
+    for var in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"):
+        monkeypatch.delenv(var, raising=False)
+    wide = F.cpu_peak(cores=2)
+    assert wide["flops_per_cycle_per_core"] == 64 and wide["fp32_peak_gflops"] == 256.0
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    held = F.cpu_peak(cores=2)
+    assert held["flops_per_cycle_per_core"] == 32 and held["fp32_peak_gflops"] == 128.0
+    assert "held to 32 FLOPs/cycle by ONEDNN_MAX_CPU_ISA=AVX2" in held["isa"]

@@ -6,11 +6,14 @@ peak FLOP/s. The CPU peak is cores x FLOPs per cycle x clock: 64 fp32 FLOPs per 
 per core with AVX-512 (two 16-wide FMA units), 32 with AVX2 + FMA (two 8-wide units, as
 on Zen 3), 16 otherwise; the clock is the nominal one the kernel reports. A large fp32
 matrix product is measured beside it as a sanity check (it reaches ~80-95 % of a true
-peak).
+peak). Where the kernels are held to a narrower instruction set than the CPU has
+(``ATEN_CPU_CAPABILITY=avx2``, ``ONEDNN_MAX_CPU_ISA=AVX2``, ``MKL_ENABLE_INSTRUCTIONS=AVX2``:
+an AVX-512 host run as an AVX2-only one), the peak is that set's.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -18,7 +21,7 @@ from typing import Any
 
 import torch
 
-from srpu_pipelines.compute.device import usable_cores
+from srpu_pipelines.compute.device import cpu_bf16_supported, usable_cores
 
 # dense bfloat16 tensor-core peaks (TFLOP/s, without sparsity) by GPU name, for MFU
 GPU_BF16_TFLOPS = {
@@ -73,12 +76,38 @@ def fp32_flops_per_cycle(flags: str) -> tuple[int, str]:
     return 16, "sse/avx (no FMA assumed)"
 
 
+# the environment variables that hold torch's kernels to a narrower instruction set, and
+# the widest fp32 FLOPs per cycle per core each value leaves (ATen, oneDNN, MKL)
+_ISA_CAPS = (
+    ("ATEN_CPU_CAPABILITY", {"default": 16, "avx2": 32}),
+    ("ONEDNN_MAX_CPU_ISA", {"sse41": 16, "avx": 16, "avx2": 32, "avx2_vnni": 32, "avx2_vnni_2": 32}),
+    ("MKL_ENABLE_INSTRUCTIONS", {"sse4_2": 16, "avx": 16, "avx2": 32}),
+)
+
+
+def isa_cap(env: dict[str, str] | None = None) -> tuple[int | None, str]:
+    """(fp32 FLOPs per cycle per core the kernels are held to, by which variables), or
+    (None, "") when none is set to a narrower set than AVX-512."""
+    env = os.environ if env is None else env
+    caps = [
+        (table[env[name].strip().lower()], f"{name}={env[name]}")
+        for name, table in _ISA_CAPS
+        if env.get(name, "").strip().lower() in table
+    ]
+    if not caps:
+        return None, ""
+    return min(c for c, _ in caps), ", ".join(why for _, why in caps)
+
+
 def cpu_peak(cores: int | None = None) -> dict[str, Any]:
     """The CPU's fp32 peak in GFLOP/s and what it was computed from."""
     info = _cpuinfo()
     m = re.search(r"^flags\s*:\s*(.*)$", info, re.M)
     flags = m.group(1) if m else ""
     per_cycle, isa = fp32_flops_per_cycle(flags)
+    cap, why = isa_cap()
+    if cap is not None and cap < per_cycle:
+        per_cycle, isa = cap, f"{isa}, held to {cap} FLOPs/cycle by {why}"
     ghz, source = cpu_clock_ghz(info)
     n = cores or usable_cores()
     model = re.search(r"^model name\s*:\s*(.*)$", info, re.M)
@@ -89,7 +118,7 @@ def cpu_peak(cores: int | None = None) -> dict[str, Any]:
         "flops_per_cycle_per_core": per_cycle,
         "clock_ghz": round(ghz, 3),
         "clock_source": source,
-        "native_bf16": bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags)),
+        "native_bf16": cpu_bf16_supported(),
         "fp32_peak_gflops": round(n * per_cycle * ghz, 1),
     }
 
