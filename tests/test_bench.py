@@ -216,7 +216,9 @@ def test_cpu_peak_follows_an_instruction_set_cap(monkeypatch):
     assert F.isa_cap({"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "AVX2"})[0] == 16
 
     flags = "fpu sse avx avx2 fma avx512f avx512_bf16 amx_bf16"
-    monkeypatch.setattr(F, "_cpuinfo", lambda: f"model name : X\nflags : {flags}\ncpu MHz : 2000.0\n")
+    monkeypatch.setattr(
+        F, "_cpuinfo", lambda: f"model name : X\nflags : {flags}\ncpu MHz : 2000.0\n"
+    )
     monkeypatch.setattr(F, "cpu_clock_ghz", lambda info=None: (2.0, "test"))
     for var in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"):
         monkeypatch.delenv(var, raising=False)

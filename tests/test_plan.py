@@ -291,3 +291,23 @@ def test_model_auto_is_one_choice_for_stages_and_mae_and_is_kept(demo_params, mo
     assert P.plan_stage(last, index)[0].model == setup.model
     with pytest.raises(ValueError, match="arch 'fpn' needs explicit sizes"):
         parse_params({**d, "model": {"arch": "fpn", "encoder": "auto"}})
+
+
+def test_a_cpu_is_planned_at_the_share_of_peak_its_instruction_set_reaches(monkeypatch):
+    """fp32 on AVX2 (32 FLOPs/cycle) reaches a larger share of its peak than on AVX-512
+    (64), and bfloat16 where it is native the most: the plan's device speed follows."""
+    peaks = {}
+    for per_cycle, bf16 in ((32, False), (64, False), (64, True)):
+        cpu = {
+            "cpu": "X",
+            "cores": 2,
+            "flops_per_cycle_per_core": per_cycle,
+            "native_bf16": bf16,
+            "fp32_peak_gflops": 2 * per_cycle * 2.0,
+        }
+        monkeypatch.setattr(P, "cpu_peak", lambda cpu=cpu: cpu)
+        dev = P.Device.of("cpu", "auto")
+        peaks[(per_cycle, bf16)] = dev.gflops / cpu["fp32_peak_gflops"]
+        assert f"{peaks[(per_cycle, bf16)]:.0%} of the {cpu['fp32_peak_gflops']:g}" in dev.how
+    assert peaks[(64, False)] < peaks[(32, False)] < peaks[(64, True)]
+    assert P.Device.of("cpu", "fp32").gflops == pytest.approx(0.35 * 256)  # bf16 not asked

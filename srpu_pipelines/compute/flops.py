@@ -80,7 +80,10 @@ def fp32_flops_per_cycle(flags: str) -> tuple[int, str]:
 # the widest fp32 FLOPs per cycle per core each value leaves (ATen, oneDNN, MKL)
 _ISA_CAPS = (
     ("ATEN_CPU_CAPABILITY", {"default": 16, "avx2": 32}),
-    ("ONEDNN_MAX_CPU_ISA", {"sse41": 16, "avx": 16, "avx2": 32, "avx2_vnni": 32, "avx2_vnni_2": 32}),
+    (
+        "ONEDNN_MAX_CPU_ISA",
+        {"sse41": 16, "avx": 16, "avx2": 32, "avx2_vnni": 32, "avx2_vnni_2": 32},
+    ),
     ("MKL_ENABLE_INSTRUCTIONS", {"sse4_2": 16, "avx": 16, "avx2": 32}),
 )
 

@@ -34,11 +34,13 @@ from srpu_pipelines.data.fingerprint import fingerprint
 from srpu_pipelines.data.index import select_items
 from srpu_pipelines.io.files import atomic_write_json, read_json
 
-# Share of the fp32 peak a whole training run reaches (srpu bench speed, README):
-# bfloat16 on CPUs with AMX/AVX512-BF16 runs at about the fp32 peak, fp32 at about a
-# third of it; a GPU's bf16 tensor cores at about a quarter for these small U-Nets.
-PLAN_VERSION = 1  # bump when a rule changes: saved plans are then made again
-CPU_EFFICIENCY = {"bf16": 0.9, "fp32": 0.35}
+PLAN_VERSION = 2  # bump when a rule changes: saved plans are then made again
+# Share of the nominal fp32 peak a whole training run reaches (srpu bench speed, README):
+# bfloat16 on CPUs with AMX/AVX512-BF16 0.65-0.9 of it; fp32 with AVX-512 (64 FLOPs/cycle)
+# about a third; fp32 with AVX2 (32 FLOPs/cycle, against which the narrow layers and
+# BatchNorm are less memory-bound) 0.55 (2026-12-06, AMD EPYC: 52-57 %); a GPU's bf16
+# tensor cores about a quarter for these small U-Nets.
+CPU_EFFICIENCY = {"bf16": 0.9, "fp32": 0.35, "fp32_avx2": 0.55}
 GPU_EFFICIENCY = 0.25
 GPU_FALLBACK_TFLOPS = 50.0  # an unknown GPU: a mid-range card's bf16 peak
 MIN_STEPS = 300  # optimiser steps a run needs to converge (the tile shrinks to reach it)
@@ -87,7 +89,8 @@ class Device:
             )
         cpu = cpu_peak()
         bf16 = cpu["native_bf16"] and precision in ("auto", "bf16")
-        eff = CPU_EFFICIENCY["bf16" if bf16 else "fp32"]
+        narrow = cpu["flops_per_cycle_per_core"] <= 32
+        eff = CPU_EFFICIENCY["bf16" if bf16 else "fp32_avx2" if narrow else "fp32"]
         return cls(
             "cpu",
             f"{cpu['cores']} cores of {cpu['cpu']}",
