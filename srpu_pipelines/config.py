@@ -217,6 +217,12 @@ class LossParams(_Strict):
     skeleton_classes: list[str] = Field(
         default_factory=list, description="classes the skeleton-recall term is for"
     )
+    lovasz_weight: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="weight of the Lovasz-softmax term (a smooth surrogate of each present "
+        "class's IoU over the batch)",
+    )
 
     @model_validator(mode="after")
     def _some(self) -> LossParams:
@@ -957,7 +963,7 @@ def stage_train(params: Params, stage: StageSpec, where: str = "train") -> Train
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node = tree
     parts = dotted.split(".")
-    for p in parts[:-1]:
+    for i, p in enumerate(parts[:-1]):
         if isinstance(node, list):
             try:
                 node = node[int(p)]
@@ -967,6 +973,12 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
         if p not in node or node[p] is None:
             node[p] = {}
         node = node[p]
+        if not isinstance(node, dict | list):
+            here = ".".join(parts[: i + 1])
+            raise ParamsError(
+                f"override {dotted!r}: {here} is {node!r}, not a section; set it whole, "
+                f"e.g. --set '{here}={{...}}'"
+            )
     last = parts[-1]
     if isinstance(node, list):
         try:

@@ -61,6 +61,14 @@ def test_overrides_are_typed(tmp_path):
         load_params(f, ["train.epochs=many"])
     with pytest.raises(ParamsError, match="KEY=VALUE"):
         load_params(f, ["train.epochs"])
+    # a key inside a value that is not a section (loss: auto) names it and how to set it
+    d = tiny_params_dict(tmp_path)
+    d["train"]["loss"] = "auto"
+    f.write_text(yaml.safe_dump(d))
+    with pytest.raises(ParamsError, match=r"train\.loss is 'auto', not a section.*train\.loss="):
+        load_params(f, ["train.loss.lovasz_weight=1"])
+    p = load_params(f, ["train.loss={class_weights: auto, lovasz_weight: 0.5}"])
+    assert p.train.loss.lovasz_weight == 0.5 and p.train.loss.class_weights == "auto"
 
 
 def test_on_and_off_are_words_and_auto_keys_name_their_choices(tmp_path):

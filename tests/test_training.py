@@ -172,3 +172,26 @@ def test_skeleton_of_a_line_is_its_centre_line_and_recall_rewards_covering_it():
     assert loss.skeleton_recall(missed, torch.where(y == 1, 255, y)) == 0
     with pytest.raises(ValueError, match="skeleton_classes"):
         SegLoss(p, ["a", "c"])
+
+
+def test_lovasz_term_is_one_minus_iou_on_hard_predictions_and_skips_unlabelled_pixels():
+    """On confident predictions the Lovasz-softmax term is the mean over present classes of
+    1 - IoU; pixels labelled 255 change nothing."""
+    from srpu_pipelines.config import LossParams
+
+    y = torch.zeros(1, 8, 8, dtype=torch.long)
+    y[0, :, 4:] = 1  # class 1 on the right half: 32 px
+    pred = torch.zeros_like(y)
+    pred[0, :, 6:] = 1  # predicted on 16 of them: IoU 0.5 (class 1), 32/48 (class 0)
+    logits = torch.nn.functional.one_hot(pred, 2).permute(0, 3, 1, 2).float() * 40.0
+    term = SegLoss(LossParams(ce_weight=0, dice_weight=1, lovasz_weight=1), ["a", "b"]).lovasz
+    expect = ((1 - 32 / 48) + (1 - 0.5)) / 2
+    assert term(logits, y).item() == pytest.approx(expect, abs=1e-4)
+    unlabelled = y.clone()
+    unlabelled[0, 0, :] = 255  # one row of each class not labelled: IoU 28/42, 0.5
+    assert term(logits, unlabelled).item() == pytest.approx(((1 - 28 / 42) + 0.5) / 2, abs=1e-4)
+    perfect = torch.nn.functional.one_hot(y, 2).permute(0, 3, 1, 2).float() * 40.0
+    off = SegLoss(LossParams(ce_weight=0, dice_weight=1), ["a", "b"])
+    on = SegLoss(LossParams(ce_weight=0, dice_weight=1, lovasz_weight=2), ["a", "b"])
+    assert on(perfect, y).item() == pytest.approx(off(perfect, y).item(), abs=1e-4)
+    assert on(logits, y).item() == pytest.approx(off(logits, y).item() + 2 * expect, abs=1e-3)

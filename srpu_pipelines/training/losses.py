@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from segmentation_models_pytorch.losses import DiceLoss
+from segmentation_models_pytorch.losses import DiceLoss, LovaszLoss
 from torch import nn
 
 from srpu_pipelines.config import IGNORE_INDEX, LossParams
@@ -36,7 +36,8 @@ def skeleton(x: torch.Tensor, iters: int = 8) -> torch.Tensor:
 
 class SegLoss(nn.Module):
     """``ce_weight`` x cross-entropy + ``dice_weight`` x soft Dice (+ ``skeleton_weight`` x
-    skeleton recall for ``skeleton_classes``); 255 pixels are ignored.
+    skeleton recall for ``skeleton_classes``, + ``lovasz_weight`` x Lovasz-softmax); 255
+    pixels are ignored.
 
     Cross-entropy gets optional class weights; Dice treats every class equally, which is
     what keeps a phase covering 1-4 % of pixels from being ignored. Skeleton recall
@@ -48,10 +49,13 @@ class SegLoss(nn.Module):
     def __init__(self, p: LossParams, class_names: list[str] | None = None):
         super().__init__()
         self.ce_w, self.dice_w, self.skel_w = p.ce_weight, p.dice_weight, p.skeleton_weight
+        self.lovasz_w = p.lovasz_weight
         cw = p.class_weights if isinstance(p.class_weights, list) else None
         w = torch.tensor(cw, dtype=torch.float32) if cw else None
         self.register_buffer("class_weights", w, persistent=False)
         self.dice = DiceLoss("multiclass", from_logits=True, ignore_index=IGNORE_INDEX)
+        # Berman et al. 2018: the IoU of each class present in the batch, made smooth
+        self.lovasz = LovaszLoss("multiclass", ignore_index=IGNORE_INDEX)
         names = class_names or []
         missing = [c for c in p.skeleton_classes if c not in names]
         if self.skel_w and missing:
@@ -82,4 +86,6 @@ class SegLoss(nn.Module):
             loss = loss + self.dice_w * self.dice(logits, target)
         if self.skel_w:
             loss = loss + self.skel_w * self.skeleton_recall(logits, target)
+        if self.lovasz_w:
+            loss = loss + self.lovasz_w * self.lovasz(logits, target)
         return loss
