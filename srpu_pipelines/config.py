@@ -967,13 +967,13 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
         if isinstance(node, list):
             try:
                 node = node[int(p)]
-                continue
             except (ValueError, IndexError) as e:
                 raise ParamsError(f"override {dotted!r}: no list item {p!r}") from e
-        if p not in node or node[p] is None:
-            node[p] = {}
-        node = node[p]
-        if not isinstance(node, dict | list):
+        else:
+            if p not in node or node[p] is None:
+                node[p] = {}
+            node = node[p]
+        if not isinstance(node, dict | list):  # a value (auto, a list item) has no keys
             here = ".".join(parts[: i + 1])
             raise ParamsError(
                 f"override {dotted!r}: {here} is {node!r}, not a section; set it whole, "

@@ -63,10 +63,12 @@ def test_overrides_are_typed(tmp_path):
         load_params(f, ["train.epochs"])
     # a key inside a value that is not a section (loss: auto) names it and how to set it
     d = tiny_params_dict(tmp_path)
-    d["train"]["loss"] = "auto"
+    d["train"]["loss"], d["train"]["splits"] = "auto", ["train"]
     f.write_text(yaml.safe_dump(d))
     with pytest.raises(ParamsError, match=r"train\.loss is 'auto', not a section.*train\.loss="):
         load_params(f, ["train.loss.lovasz_weight=1"])
+    with pytest.raises(ParamsError, match=r"train\.splits\.0 is 'train', not a section"):
+        load_params(f, ["train.splits.0.x=1"])  # a list item that is a value, too
     p = load_params(f, ["train.loss={class_weights: auto, lovasz_weight: 0.5}"])
     assert p.train.loss.lovasz_weight == 0.5 and p.train.loss.class_weights == "auto"
 
