@@ -166,6 +166,12 @@ class ModelParams(_Strict):
         default=None, description="U-Net-family decoder widths, one per encoder stage, or auto"
     )
     weights: Path | None = Field(default=None, description="local state_dict to start from")
+    full_res_skip: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="unet: channels of a full-resolution skip from the input (0: none)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -184,6 +190,8 @@ class ModelParams(_Strict):
             raise ValueError(
                 f"auto sizes a unet (its ladder); arch {self.arch!r} needs explicit sizes"
             )
+        if self.full_res_skip and self.arch != "unet":
+            raise ValueError(f"full_res_skip applies to unet, not {self.arch!r}")
         widths = self.decoder_channels
         if isinstance(widths, list) and len(widths) != self.encoder_depth:
             raise ValueError(

@@ -124,3 +124,38 @@ def test_shallow_resnet_drops_the_stages_it_never_runs(tmp_path):
     x = torch.randn(1, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(old(x), back(x))
+
+
+def test_full_resolution_skip_feeds_the_last_block_and_round_trips(tmp_path):
+    from srpu_pipelines.config import ModelParams
+    from srpu_pipelines.errors import InputError
+
+    torch.manual_seed(0)
+    m = create_model(
+        "unet", "resnet18", 3, encoder_depth=3, decoder_channels=[16, 8, 8], full_res_skip=4
+    )
+    x = torch.randn(2, 1, 32, 48)
+    out = m(x)
+    assert out.shape == (2, 3, 32, 48)
+    out.square().mean().backward()
+    # the input's own conv is on the path to the logits: it gets a gradient
+    grad = m.decoder.input_skip[0].weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    # the last block reads 8 upsampled channels + the 4 of the skip
+    assert m.decoder.blocks[-1].conv1[0].in_channels == 8 + 4
+    cfg = {**SMALL_CFG, "full_res_skip": 4}
+    save_checkpoint(tmp_path / "skip.pt", m.eval(), cfg)
+    back, cfg2 = load_model(tmp_path / "skip.pt")
+    with torch.no_grad():
+        assert torch.equal(m(x), back(x))
+    assert cfg2["full_res_skip"] == 4
+    # its weights do not fit a model without the skip: an error naming the file
+    save_checkpoint(tmp_path / "plain.pt", m, SMALL_CFG)
+    with pytest.raises(InputError, match=r"plain\.pt: weights do not fit"):
+        load_model(tmp_path / "plain.pt")
+    with pytest.raises(InputError, match="full_res_skip applies to unet"):
+        create_model("fpn", "resnet18", 3, full_res_skip=4)
+    with pytest.raises(ValueError, match="full_res_skip applies to unet"):
+        ModelParams(arch="fpn", encoder="resnet18", full_res_skip=8)
+    with pytest.raises(ValueError, match="full_res_skip"):
+        ModelParams(full_res_skip=-1)

@@ -29,6 +29,7 @@ def model_config(params: Any) -> dict[str, Any]:
         "in_channels": m.in_channels,
         "encoder_depth": m.encoder_depth,
         "decoder_channels": list(m.decoder_channels) if m.decoder_channels else None,
+        "full_res_skip": m.full_res_skip,
         "num_classes": params.num_classes,
         "class_names": params.class_names,
         "class_colors": [list(c.color) for c in params.classes],
@@ -92,6 +93,7 @@ def build_from_config(config: dict[str, Any]) -> nn.Module:
         in_channels=config["in_channels"],
         encoder_depth=config["encoder_depth"],
         decoder_channels=config["decoder_channels"],
+        full_res_skip=config.get("full_res_skip", 0),  # 0 in checkpoints written before it
     )
 
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import segmentation_models_pytorch as smp
 import torch
+from segmentation_models_pytorch.base.modules import Conv2dReLU
+from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder, UnetDecoderBlock
 from torch import nn
 
 from srpu_pipelines.errors import InputError, MissingError, UnknownNameError
@@ -63,11 +65,13 @@ def create_model(
     encoder_depth: int = 5,
     decoder_channels: list[int] | tuple[int, ...] | None = None,
     weights: str | Path | None = None,
+    full_res_skip: int = 0,
 ) -> nn.Module:
     """Build ``arch`` on ``encoder`` with random init, or load ``weights`` (a local file).
 
     Input (N, in_channels, H, W) with H, W multiples of 2**encoder_depth; output logits
-    (N, num_classes, H, W).
+    (N, num_classes, H, W). ``full_res_skip`` > 0 (unet only): a conv of that many channels
+    on the input joins the last decoder block as its skip (see ``FullResSkipDecoder``).
     """
     if arch not in ARCHITECTURES:
         raise UnknownNameError(
@@ -103,10 +107,48 @@ def create_model(
     elif arch in _DECODER_CHANNELS_ARCHS:
         kw["decoder_channels"] = (256, 128, 64, 32, 16)[:encoder_depth]
     model = ARCHITECTURES[arch](**kw)
+    if full_res_skip:
+        if arch != "unet":
+            raise InputError(f"model.full_res_skip applies to unet, not {arch!r}")
+        model.decoder = FullResSkipDecoder(
+            model.encoder.out_channels, kw["decoder_channels"], in_channels, full_res_skip
+        )
     _drop_unused_stages(model.encoder, encoder_depth)
     if weights is not None:
         load_weights(model, weights)
     return model
+
+
+class FullResSkipDecoder(UnetDecoder):
+    """smp's U-Net decoder with a skip at full resolution.
+
+    smp's last decoder block upsamples from half resolution with no skip (it drops the
+    input, the encoder's full-resolution "feature"), so edges of objects a few pixels
+    across come only from interpolated half-resolution features. Here a 3x3 conv of the
+    input (``width`` channels, BatchNorm, ReLU) is that block's skip. Costs about
+    ``width * (last width + 1) * 9`` multiply-adds per pixel.
+    """
+
+    def __init__(
+        self,
+        encoder_channels: Any,
+        decoder_channels: Any,
+        in_channels: int,
+        width: int,
+    ) -> None:
+        super().__init__(encoder_channels, decoder_channels, n_blocks=len(decoder_channels))
+        last = self.blocks[-1]
+        self.blocks[-1] = UnetDecoderBlock(last.conv1[0].in_channels, width, decoder_channels[-1])
+        self.input_skip = Conv2dReLU(in_channels, width, kernel_size=3, padding=1)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        shapes = [f.shape[2:] for f in features][::-1]
+        deep = features[1:][::-1]
+        skips = [*deep[1:], self.input_skip(features[0])]
+        x = self.center(deep[0])
+        for i, block in enumerate(self.blocks):
+            x = block(x, *shapes[i + 1], skip_connection=skips[i])
+        return x
 
 
 # smp's ResNet-style encoders build all five stages whatever the depth; these are the
@@ -203,4 +245,5 @@ def model_from_params(p: Any, num_classes: int, weights: str | Path | None = Non
         encoder_depth=p.encoder_depth,
         decoder_channels=p.decoder_channels,
         weights=weights if weights is not None else p.weights,
+        full_res_skip=p.full_res_skip,
     )
