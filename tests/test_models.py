@@ -159,3 +159,14 @@ def test_full_resolution_skip_feeds_the_last_block_and_round_trips(tmp_path):
         ModelParams(arch="fpn", encoder="resnet18", full_res_skip=8)
     with pytest.raises(ValueError, match="full_res_skip"):
         ModelParams(full_res_skip=-1)
+
+
+def test_full_resolution_skip_keeps_smps_centre_block():
+    plain = create_model("unet", "vgg11", 2, encoder_depth=3, decoder_channels=[16, 8, 8])
+    skip = create_model(
+        "unet", "vgg11", 2, encoder_depth=3, decoder_channels=[16, 8, 8], full_res_skip=4
+    )
+    assert not isinstance(plain.decoder.center, torch.nn.Identity)  # smp adds one for vgg
+    assert type(skip.decoder.center) is type(plain.decoder.center)
+    with torch.no_grad():
+        assert skip.eval()(torch.randn(1, 1, 32, 32)).shape == (1, 2, 32, 32)

@@ -111,7 +111,10 @@ def create_model(
         if arch != "unet":
             raise InputError(f"model.full_res_skip applies to unet, not {arch!r}")
         model.decoder = FullResSkipDecoder(
-            model.encoder.out_channels, kw["decoder_channels"], in_channels, full_res_skip
+            model.encoder.out_channels,
+            kw["decoder_channels"],
+            full_res_skip,
+            center=not isinstance(model.decoder.center, nn.Identity),  # smp's, for vgg
         )
     _drop_unused_stages(model.encoder, encoder_depth)
     if weights is not None:
@@ -124,8 +127,8 @@ class FullResSkipDecoder(UnetDecoder):
 
     smp's last decoder block upsamples from half resolution with no skip (it drops the
     input, the encoder's full-resolution "feature"), so edges of objects a few pixels
-    across come only from interpolated half-resolution features. Here a 3x3 conv of the
-    input (``width`` channels, BatchNorm, ReLU) is that block's skip. Costs about
+    across come only from interpolated half-resolution features. Here a 3x3 conv of that
+    full-resolution output (``width`` channels, BatchNorm, ReLU) is that block's skip. Costs about
     ``width * (last width + 1) * 9`` multiply-adds per pixel.
     """
 
@@ -133,13 +136,19 @@ class FullResSkipDecoder(UnetDecoder):
         self,
         encoder_channels: Any,
         decoder_channels: Any,
-        in_channels: int,
         width: int,
+        center: bool = False,
     ) -> None:
-        super().__init__(encoder_channels, decoder_channels, n_blocks=len(decoder_channels))
+        super().__init__(
+            encoder_channels,
+            decoder_channels,
+            n_blocks=len(decoder_channels),
+            add_center_block=center,
+        )
         last = self.blocks[-1]
         self.blocks[-1] = UnetDecoderBlock(last.conv1[0].in_channels, width, decoder_channels[-1])
-        self.input_skip = Conv2dReLU(in_channels, width, kernel_size=3, padding=1)
+        # the encoder's full-resolution output: the input itself (ResNets), 64 maps (VGG)
+        self.input_skip = Conv2dReLU(encoder_channels[0], width, kernel_size=3, padding=1)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         shapes = [f.shape[2:] for f in features][::-1]
