@@ -71,7 +71,8 @@ def create_model(
 
     Input (N, in_channels, H, W) with H, W multiples of 2**encoder_depth; output logits
     (N, num_classes, H, W). ``full_res_skip`` > 0 (unet only): a conv of that many channels
-    on the input joins the last decoder block as its skip (see ``FullResSkipDecoder``).
+    on the encoder's full-resolution output (the input, for ResNets) joins the last decoder
+    block as its skip (see ``FullResSkipDecoder``).
     """
     if arch not in ARCHITECTURES:
         raise UnknownNameError(
@@ -128,8 +129,9 @@ class FullResSkipDecoder(UnetDecoder):
     smp's last decoder block upsamples from half resolution with no skip (it drops the
     input, the encoder's full-resolution "feature"), so edges of objects a few pixels
     across come only from interpolated half-resolution features. Here a 3x3 conv of that
-    full-resolution output (``width`` channels, BatchNorm, ReLU) is that block's skip. Costs about
-    ``width * (last width + 1) * 9`` multiply-adds per pixel.
+    full-resolution output (``width`` channels, BatchNorm, ReLU) is that block's skip:
+    about ``width * (last width + full-resolution channels) * 9`` more multiply-adds
+    per pixel.
     """
 
     def __init__(
