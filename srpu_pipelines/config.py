@@ -362,6 +362,7 @@ PLANNED_TRAIN_KEYS = (
     "loss",
     "loss.class_weights",
     "augment",
+    "resample_nm",
 )
 
 
@@ -384,6 +385,13 @@ class TrainParams(LoopParams):
     )
     ema: Annotated[float, Field(ge=0, lt=1)] | Auto = Field(
         default=0.0, description="weight-average decay (0: off; auto: the plan)"
+    )
+    resample_nm: Annotated[float, Field(gt=0)] | Auto | None = Field(
+        default=None,
+        description="train at pixels of this size in nm: images of known pixel size are "
+        "resampled to it, and the model (its checkpoint records the size) resamples new "
+        "images to it and its predictions back (null: every image at its own pixels; auto: "
+        "the plan, when the sub-datasets' pixel sizes differ)",
     )
     val_time_share: float = Field(
         default=0.25,
@@ -408,6 +416,13 @@ class TrainParams(LoopParams):
     )
     encoder_lr_mult: float = Field(default=0.1, gt=0, le=1)
     semi: SemiParams = SemiParams()
+
+    @property
+    def resample_size(self) -> float | None:
+        """``resample_nm`` as a size in nm, or None: each image at its own pixels (also
+        while it is still ``auto``, before the plan has set it)."""
+        v = self.resample_nm
+        return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
 
 
 class PretrainParams(LoopParams):

@@ -33,10 +33,15 @@ from srpu_pipelines.active_learning.uncertainty import (
     tile_grid,
 )
 from srpu_pipelines.analysis.evaluate import inference_runtime
-from srpu_pipelines.analysis.inference import iter_prob_bands
+from srpu_pipelines.analysis.inference import input_scale, iter_prob_bands, resize_probs
 from srpu_pipelines.compute.device import Runtime
 from srpu_pipelines.config import Params
-from srpu_pipelines.data.dataset import read_sample, standardize
+from srpu_pipelines.data.dataset import (
+    read_sample,
+    resize_image,
+    scaled_shape,
+    standardize,
+)
 from srpu_pipelines.data.imageio import ImageReadError
 from srpu_pipelines.errors import MissingError
 from srpu_pipelines.io.faults import fault_point
@@ -86,12 +91,21 @@ def _mc_dropout_hook(p: float):
 
 
 def ensemble_probs(
-    model: nn.Module, image: np.ndarray, params: Params, in_channels: int
+    model: nn.Module, image: np.ndarray, params: Params, in_channels: int, scale: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Mean probabilities (C, H, W) float16 over the ensemble members and their variance
     (H, W) float32 (None for a single member). The members slide over the image in step,
     one row band at a time on the model's device, so memory is a few bands plus the two
-    outputs whatever the ensemble and image size."""
+    outputs whatever the ensemble and image size.
+
+    ``scale`` != 1 (a model trained on resampled pixels): the members see the image
+    resampled by ``scale`` and both outputs are resampled back to the image's pixels."""
+    if scale != 1.0:
+        small = standardize(resize_image(image, scaled_shape(image.shape, scale)))
+        mean_s, var_s = ensemble_probs(model, small, params, in_channels)
+        mean_b = resize_probs(mean_s, image.shape).astype(np.float16)
+        var_b = None if var_s is None else np.clip(resize_image(var_s, image.shape), 0, None)
+        return mean_b, var_b
     ens, inf = params.active.ensemble, params.inference
     rt = inference_runtime(params.inference)
     kw = dict(
@@ -241,6 +255,8 @@ def is_fresh(
         and record.get("image_sha256") == item["image_sha256"]
         and record.get("settings") == settings
         and record.get("data_bar_rows", 0) == int(item.get("data_bar_rows") or 0)
+        # a model trained on resampled pixels scores an image at its pixel size
+        and record.get("pixel_size_nm") == item.get("pixel_size_nm")
     )
 
 
@@ -270,6 +286,7 @@ def score_image(
     model_key: str,
     embedder: nn.Module | None = None,
     settings: str | None = None,
+    model_config: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Score one pool image: (record, embeddings (n_tiles, D)). Only the sample above its
     data bar is scored and tiled: the bar can never be picked. Without a model (cold
@@ -287,6 +304,7 @@ def score_image(
         "height": h + bar,
         "width": w,
         "data_bar_rows": bar,
+        "pixel_size_nm": item.get("pixel_size_nm"),
         "model_key": model_key,
         "settings": settings or settings_key(params),
     }
@@ -309,7 +327,8 @@ def score_image(
         ]
         return record, feats
     img = standardize(image01)
-    probs, var = ensemble_probs(model, img, params, in_channels)
+    scale = input_scale(model_config or {}, item.get("pixel_size_nm"))
+    probs, var = ensemble_probs(model, img, params, in_channels, scale)
     sc = score_probabilities(
         probs, var, a.strategies, a.boundary_width, a.topk_fraction, tiles=tiles
     )
@@ -342,6 +361,7 @@ def score_pool(
     from srpu_pipelines.analysis.evaluate import load_checked
 
     model, in_ch, embedder, cold_tag = None, params.model.in_channels, None, ""
+    cfg: dict[str, Any] = {}
     if checkpoint is not None:
         model, cfg = load_checked(params, checkpoint)  # on the inference device
         in_ch = cfg["in_channels"]
@@ -364,7 +384,9 @@ def score_pool(
             kept += 1
         else:
             try:
-                rec, emb = score_image(params, item, model, in_ch, model_key, embedder, settings)
+                rec, emb = score_image(
+                    params, item, model, in_ch, model_key, embedder, settings, cfg
+                )
             except ImageReadError as e:
                 log.warning("not scored: %s", e)
                 failed.append({"id": item["id"], "reason": str(e)})

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from srpu_pipelines.analysis.inference import predict_labels
+from srpu_pipelines.analysis.inference import input_scale, predict_labels
 from srpu_pipelines.analysis.metrics import ConfusionAccumulator
 from srpu_pipelines.analysis.scalebar import draw_scale_bar
 from srpu_pipelines.compute.device import Runtime, prepare_module, resolve_runtime
@@ -48,12 +48,18 @@ def inference_runtime(inf: InferenceParams) -> Runtime:
     return resolve_runtime(inf.device, inf.precision, inf.channels_last, "inference")
 
 
-def _predict(model, cfg: dict, image01: np.ndarray, params: Params) -> np.ndarray:
+def _predict(
+    model, cfg: dict, image01: np.ndarray, params: Params, pixel_size_nm: float | None = None
+) -> np.ndarray:
+    """Labels of a [0, 1] image at its own pixels; a model trained on resampled pixels
+    (``resample_nm`` in its config) sees the image resampled to them when its pixel size
+    is known."""
     inf = params.inference
     rt = inference_runtime(inf)
     return predict_labels(
         model,
         standardize(image01),
+        input_scale(cfg, pixel_size_nm),
         tile=inf.tile_size,
         overlap=inf.overlap,
         batch_size=inf.batch_size,
@@ -160,7 +166,8 @@ def evaluate_checkpoint(
         disable=not progress,
         unit="img",
     ):
-        pred = _predict(model, cfg, s.image, params)  # the sample above the data bar
+        # the sample above the data bar, at the file's own pixels
+        pred = _predict(model, cfg, s.image, params, s.pixel_size_nm)
         overall.update(pred, s.mask)
         per_ds.setdefault(s.dataset, ConfusionAccumulator(params.num_classes)).update(pred, s.mask)
         one = ConfusionAccumulator(params.num_classes)
@@ -223,7 +230,7 @@ def predict_folder(
     files = sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
     stems = Counter(p.stem for p in files if is_image_file(p))
     written, skipped = [], []
-    warned = False
+    warned = unscaled_warned = False
     for p in tqdm(files, desc="predict", disable=not progress, unit="img"):
         if not is_image_file(p):
             if not (p.suffix in SIDECARS and p.stem in stems):  # a calibration sidecar
@@ -250,7 +257,16 @@ def predict_folder(
             )
             warned = True
         sample = img[: img.shape[0] - bar]
-        pred = with_bar(_predict(model, cfg, sample, params), img.shape[0], bar)
+        nm = cal["pixel_size_nm"]
+        if cfg.get("resample_nm") and not nm and not unscaled_warned:
+            log.warning(
+                "the model was trained at %g nm pixels; %s (and maybe others) has no known "
+                "pixel size (predict.pixel_size_nm sets one): predicted at its own pixels",
+                cfg["resample_nm"],
+                p.name,
+            )
+            unscaled_warned = True
+        pred = with_bar(_predict(model, cfg, sample, params, nm), img.shape[0], bar)
         save_label_files(out, p.stem, pred, codec)
         fig = overlay_figure(
             stretch(img),

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from srpu_pipelines.compute.device import Precision, module_device
+from srpu_pipelines.data.dataset import resample_scale, resize_image, scaled_shape, standardize
 
 
 def _window(tile: int, device: torch.device) -> torch.Tensor:
@@ -113,18 +114,50 @@ def iter_prob_bands(
             buf0 = emitted = done_to
 
 
-def predict_labels(model: nn.Module, image: np.ndarray, **kw) -> np.ndarray:
+def input_scale(config: dict, pixel_size_nm: float | None) -> float:
+    """How much an image of ``pixel_size_nm`` is enlarged before the model of checkpoint
+    ``config`` sees it: to the pixel size it was trained at (``resample_nm``); 1 for a
+    model trained at native pixels or an image of unknown pixel size."""
+    return resample_scale(pixel_size_nm, config.get("resample_nm"))
+
+
+def resize_probs(probs: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(C, h, w) probabilities resampled bilinearly to (C, *shape), float32: the class
+    decision is then made at the image's own pixels."""
+    if tuple(probs.shape[1:]) == tuple(shape):
+        return probs.astype(np.float32, copy=False)
+    return np.stack([resize_image(p.astype(np.float32), shape) for p in probs])
+
+
+def _probs_at(model: nn.Module, image: np.ndarray, scale: float, **kw) -> np.ndarray:
+    """float32 (C, H, W) probabilities of a standardised image predicted at ``scale`` x
+    its size and resampled back. The resampled image is standardised again, so the model
+    sees what training gave it: the image resampled, then standardised."""
+    small = standardize(resize_image(image, scaled_shape(image.shape, scale)))
+    return resize_probs(predict_probs(model, small, **kw), image.shape)
+
+
+def predict_labels(model: nn.Module, image: np.ndarray, scale: float = 1.0, **kw) -> np.ndarray:
     """uint8 (H, W) argmax class indices for a standardised (H, W) image (keywords as
-    :func:`iter_prob_bands`)."""
+    :func:`iter_prob_bands`).
+
+    ``scale`` != 1 (a model trained on resampled pixels, :func:`input_scale`): the image is
+    resampled by ``scale``, predicted there, and the probabilities resampled back before
+    the argmax. That path holds the whole probability map (not a band at a time)."""
+    if scale != 1.0:
+        return _probs_at(model, image, scale, **kw).argmax(0).astype(np.uint8)
     out = np.empty(image.shape, np.uint8)
     for y0, p in iter_prob_bands(model, image, **kw):
         out[y0 : y0 + p.shape[1]] = p.argmax(0).to(torch.uint8).cpu().numpy()
     return out
 
 
-def predict_probs(model: nn.Module, image: np.ndarray, **kw) -> np.ndarray:
+def predict_probs(model: nn.Module, image: np.ndarray, scale: float = 1.0, **kw) -> np.ndarray:
     """Class probabilities (C, H, W) float16 for a standardised (H, W) image (keywords as
-    :func:`iter_prob_bands`): half the memory of float32, precise to ~1e-3."""
+    :func:`iter_prob_bands`; ``scale`` as :func:`predict_labels`): half the memory of
+    float32, precise to ~1e-3."""
+    if scale != 1.0:
+        return _probs_at(model, image, scale, **kw).astype(np.float16)
     out: np.ndarray | None = None
     for y0, p in iter_prob_bands(model, image, **kw):
         if out is None:

@@ -51,7 +51,17 @@ def drop_weights(folder: Path, keep: str | None = None) -> None:
 def subset_index(index: dict[str, Any], labeled_ids: set[str]) -> dict[str, Any]:
     """``index`` with only ``labeled_ids`` left labelled in the train split; the other
     train images join the pool as unlabelled images (their masks are never read)."""
-    keys = ("id", "name", "dataset", "image", "image_sha256", "height", "width")
+    keys = (
+        "id",
+        "name",
+        "dataset",
+        "image",
+        "image_sha256",
+        "height",
+        "width",
+        "data_bar_rows",
+        "pixel_size_nm",
+    )
     items, pool = [], list(index.get("pool", []))
     for it in index["items"]:
         if it["split"] != "train" or it["id"] in labeled_ids:

@@ -7,11 +7,13 @@ differences between sessions and detectors. Masks are uint8 class indices (255 =
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import albumentations as A
+import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -21,7 +23,53 @@ from srpu_pipelines.data.imageio import read_grey
 from srpu_pipelines.data.masks import MaskCodec, item_mask
 from srpu_pipelines.errors import InputError
 
+log = logging.getLogger(__name__)
 _MAX_COORDS = 4096  # per image and class, for class-centred crops
+
+
+SCALE_TOLERANCE = 0.02  # closer to 1 than this: the image is used as it is (no blur)
+MAX_SCALE = 8.0  # a larger enlargement or reduction is a unit mistake, not a plan
+
+
+def resample_scale(pixel_size_nm: float | None, target_nm: float | None) -> float:
+    """How much an image of ``pixel_size_nm`` is enlarged to reach ``target_nm`` pixels
+    (> 1: its pixels are coarser than the target); 1 when either is unknown or None, or
+    when the two are within SCALE_TOLERANCE (an interpolation would only blur).
+
+    Raises InputError beyond MAX_SCALE either way (nm given as um, or the reverse)."""
+    if not target_nm or not pixel_size_nm:
+        return 1.0
+    s = float(pixel_size_nm) / float(target_nm)
+    if not 1.0 / MAX_SCALE <= s <= MAX_SCALE:
+        raise InputError(
+            f"resampling an image of {pixel_size_nm:g} nm pixels to {target_nm:g} nm would "
+            f"scale it {s:.3g}x (more than {MAX_SCALE:g}x either way): check that "
+            "train.resample_nm and the pixel sizes are in nm"
+        )
+    return 1.0 if abs(s - 1.0) < SCALE_TOLERANCE else s
+
+
+def scaled_shape(shape: tuple[int, int], scale: float) -> tuple[int, int]:
+    return max(1, int(round(shape[0] * scale))), max(1, int(round(shape[1] * scale)))
+
+
+def resize_image(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A grey float image resampled to ``shape`` (rows, cols): area averaging when it
+    shrinks (no aliasing), bilinear when it grows; the same array when the size is kept."""
+    if tuple(img.shape[:2]) == tuple(shape):
+        return img
+    shrink = shape[0] * shape[1] < img.shape[0] * img.shape[1]
+    how = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    return cv2.resize(img.astype(np.float32), (shape[1], shape[0]), interpolation=how)
+
+
+def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A uint8 class-index mask resampled to ``shape`` by nearest neighbour, pixel centres
+    aligned as the image's resampling aligns them: no class or 'ignore' value is invented
+    between two others, and labels do not shift against the image."""
+    if tuple(mask.shape) == tuple(shape):
+        return mask
+    return cv2.resize(mask, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST_EXACT)
 
 
 def stretch(img: np.ndarray) -> np.ndarray:
@@ -58,6 +106,8 @@ class Sample:
     mean: float
     std: float
     bar_rows: int = 0
+    pixel_size_nm: float | None = None  # of ``image`` as held (after any resampling)
+    scale: float = 1.0  # ``image`` is the file's sample enlarged this much (resampling)
 
     @property
     def normalized(self) -> np.ndarray:
@@ -65,10 +115,20 @@ class Sample:
 
 
 def load_samples(
-    items: list[dict[str, Any]], codec: MaskCodec, desc: str = "load", progress: bool = True
+    items: list[dict[str, Any]],
+    codec: MaskCodec,
+    desc: str = "load",
+    progress: bool = True,
+    resample_nm: float | None = None,
 ) -> list[Sample]:
-    """Read the index items' images and masks into memory, each cut above its data bar."""
+    """Read the index items' images and masks into memory, each cut above its data bar.
+
+    With ``resample_nm``, each sample whose pixel size is known is resampled to pixels of
+    that size (image by area/bilinear, mask by nearest neighbour), so sub-datasets imaged
+    at different magnifications reach the network at one scale; a sample of unknown pixel
+    size stays at its own pixels (logged)."""
     out = []
+    unknown = []
     for it in tqdm(items, desc=desc, disable=not progress, unit="img", leave=False):
         img = read_grey(Path(it["image"]))
         mask = item_mask(it, codec)  # the data bar, if any, not labelled
@@ -77,16 +137,36 @@ def load_samples(
         bar = int(it.get("data_bar_rows") or 0)
         rows = img.shape[0] - bar
         img = stretch(img[:rows])
+        mask = np.ascontiguousarray(mask[:rows])
+        nm = it.get("pixel_size_nm") or None
+        scale = resample_scale(nm, resample_nm)
+        if resample_nm and not nm:
+            unknown.append(it["id"])
+        if scale != 1.0:
+            shape = scaled_shape(img.shape, scale)
+            img = np.clip(resize_image(img, shape), 0.0, 1.0)
+            mask = resize_mask(mask, shape)
+            nm = float(resample_nm)  # type: ignore[arg-type]
         out.append(
             Sample(
                 it["id"],
                 it["dataset"],
                 img,
-                np.ascontiguousarray(mask[:rows]),
+                mask,
                 float(img.mean()),
                 max(float(img.std()), 1e-6),
                 bar,
+                float(nm) if nm else None,
+                scale,
             )
+        )
+    if unknown:
+        log.warning(
+            "%d image(s) of unknown pixel size kept at their own pixels, not resampled to "
+            "%g nm (e.g. %s): data.datasets[].pixel_size_nm sets one",
+            len(unknown),
+            resample_nm,
+            ", ".join(unknown[:3]),
         )
     return out
 

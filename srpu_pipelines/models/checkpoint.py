@@ -23,6 +23,10 @@ NORMALIZATION = "per_image_zscore"
 def model_config(params: Any) -> dict[str, Any]:
     """The JSON config that rebuilds the model of ``params`` (a ``Params``)."""
     m = params.model
+    extra = {}
+    nm = getattr(getattr(params, "train", None), "resample_size", None)
+    if nm:
+        extra["resample_nm"] = nm  # the pixels it learnt at: inference resamples to them
     return {
         "arch": m.arch,
         "encoder": m.encoder,
@@ -34,6 +38,7 @@ def model_config(params: Any) -> dict[str, Any]:
         "class_names": params.class_names,
         "class_colors": [list(c.color) for c in params.classes],
         "normalization": NORMALIZATION,
+        **extra,
     }
 
 

@@ -79,6 +79,7 @@ def _predictor(params: Params, checkpoint: Path):
     from srpu_pipelines.active_learning.scoring import ensemble_probs
     from srpu_pipelines.active_learning.uncertainty import entropy_map
     from srpu_pipelines.analysis.evaluate import load_checked
+    from srpu_pipelines.analysis.inference import input_scale
     from srpu_pipelines.data.dataset import read_sample, standardize
     from srpu_pipelines.data.masks import with_bar
 
@@ -90,7 +91,8 @@ def _predictor(params: Params, checkpoint: Path):
             cache.clear()
             bar = int(item.get("data_bar_rows") or 0)
             img = standardize(read_sample(item["image"], bar))  # the sample only
-            probs, _ = ensemble_probs(model, img, params, cfg["in_channels"])
+            scale = input_scale(cfg, item.get("pixel_size_nm"))  # the model's pixels
+            probs, _ = ensemble_probs(model, img, params, cfg["in_channels"], scale)
             h = img.shape[0] + bar
             labels = with_bar(probs.argmax(0).astype(np.uint8), h, bar)  # bar: not sample
             unc = entropy_map(probs)

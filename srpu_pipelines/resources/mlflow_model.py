@@ -6,7 +6,10 @@ config stored in the checkpoint and its ``state_dict`` is loaded with
 would fix the input size to that of the example.)
 
 Input: float32 (N, H, W) or (H, W) micrographs in [0, 1], any H and W.
-Output: int64 (N, H, W) class indices. ``params``: tile_size, overlap, batch_size.
+Output: int64 (N, H, W) class indices. ``params``: tile_size, overlap, batch_size, and
+pixel_size_nm (the inputs' pixel size: a model trained on resampled pixels, ``resample_nm``
+in its config, resamples the images to them and its probabilities back; 0 = unknown, the
+images' own pixels).
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ class SrpuSegmenter(mlflow.pyfunc.PythonModel):
         self.model, self.config = load_model(context.artifacts["checkpoint"])
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001 (see load_context)
-        from srpu_pipelines.analysis.inference import predict_labels
+        from srpu_pipelines.analysis.inference import input_scale, predict_labels
         from srpu_pipelines.data.dataset import standardize
 
         p = {"tile_size": 256, "overlap": 0.25, "batch_size": 8, **(params or {})}
+        scale = input_scale(self.config, float(p.get("pixel_size_nm") or 0.0) or None)
         x = np.asarray(model_input, dtype=np.float32)
         single = x.ndim == 2
         batch = x[None] if single else x
@@ -34,6 +38,7 @@ class SrpuSegmenter(mlflow.pyfunc.PythonModel):
                 predict_labels(
                     self.model,
                     standardize(img),
+                    scale,
                     tile=int(p["tile_size"]),
                     overlap=float(p["overlap"]),
                     batch_size=int(p["batch_size"]),

@@ -191,6 +191,9 @@ class MlflowTracker(Tracker):
                     ParamSpec("tile_size", "long", 256),
                     ParamSpec("overlap", "double", 0.25),
                     ParamSpec("batch_size", "long", 8),
+                    # the inputs' pixel size: a model trained on resampled pixels resamples
+                    # to them (0: unknown, predicted at the inputs' own pixels)
+                    ParamSpec("pixel_size_nm", "double", 0.0),
                 ]
             ),
         )

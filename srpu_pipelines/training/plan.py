@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -50,6 +51,7 @@ THIN_PX = 8.0  # a class thinner than this (px) is thin: no blur, full resolutio
 SKELETON_WEIGHT = 0.0  # skeleton recall for line-like classes: off, it lost on nasa-ebc (README)
 ELONGATED = 4.0  # length / thickness from which a fine class is line-like
 ANISOTROPIC = 0.5  # boundary coherence above which 90-degree turns are off
+RESAMPLE_SPREAD = 1.25  # pixel sizes within this ratio of each other: trained as they are
 RARE_CROP_TARGET = 0.3  # share of crops centred on the rare classes (together)
 # model: auto picks the largest rung a time budget trains for MODEL_MIN_STEPS steps (a
 # step budget alone: the smallest). Measured on this CPU at 600 s (README):
@@ -404,21 +406,79 @@ def _augment(plan: Plan, fp: dict) -> AugmentParams:
     return aug
 
 
-def _resolution(fp: dict[str, Any]) -> str:
-    """What the plan says of resolution (it trains at the images' own pixels)."""
+def _pixel_sizes(fp: dict[str, Any]) -> tuple[dict[str, float], float, float]:
+    """(known pixel size per sub-dataset, the finest and coarsest image's pixel size: the
+    sub-datasets' ranges where their images carry their own calibration)."""
+    known: dict[str, float] = {}
+    lo, hi = math.inf, 0.0
+    for d, v in fp.get("datasets", {}).items():
+        if v.get("pixel_size_nm"):
+            known[d] = float(v["pixel_size_nm"])
+            r = v.get("pixel_size_range_nm") or [known[d], known[d]]
+            lo, hi = min(lo, float(r[0])), max(hi, float(r[1]))
+    return known, lo, hi
+
+
+def _thin_at(fp: dict[str, Any], target: float) -> list[str]:
+    """Classes (other than the dominant one) that would be under THIN_PX px thick at
+    ``target`` nm pixels in some sub-dataset of known pixel size (its thickness in nm over
+    the target)."""
+    dominant, _, _ = _classes(fp)
+    out: set[str] = set()
+    for v in fp.get("datasets", {}).values():
+        nm = v.get("pixel_size_nm")
+        for k, c in (v.get("classes") or {}).items():
+            if nm and k != dominant and c.get("share", 0) > 0 and c.get("thickness"):
+                if c["thickness"] * nm / target < THIN_PX:
+                    out.add(k)
+    return sorted(out)
+
+
+def resample_target(fp: dict[str, Any]) -> tuple[float | None, str]:
+    """(pixel size in nm to train at, or None for the images' own pixels; why).
+
+    Pixel sizes that differ by more than RESAMPLE_SPREAD between images send one structure
+    to the network at several scales: the images are resampled to one size, the median of
+    the sub-datasets' sizes (each image moves least), or the finest where a class is thin
+    (under THIN_PX px in the images as they are, or at the median in some sub-dataset,
+    from its thickness in nm), which only ever enlarges: a thin phase is never
+    downsampled."""
     _, _, fine = _classes(fp)
-    sizes = {d: v.get("pixel_size_nm") for d, v in fp.get("datasets", {}).items()}
-    known = {d: s for d, s in sizes.items() if s}
-    why = "native pixels"
-    if fine:
-        why += f" (never downsampled: {', '.join(fine)} under {THIN_PX:g} px thick)"
-    if len(known) > 1 and max(known.values()) / min(known.values()) > 1.25:
-        listed = ", ".join(f"{d} {s:g} nm" for d, s in sorted(known.items()))
-        why += (
-            f"; the sub-datasets' pixel sizes differ ({listed}): SRPU does not resample "
-            "them to one size yet, so the model sees each at its own scale"
+    known, lo, hi = _pixel_sizes(fp)
+    if not known:
+        return None, (
+            "the images' own pixels: pixel sizes unknown (no calibration tag or sidecar "
+            "file; data.datasets[].pixel_size_nm sets one)"
         )
-    elif not known:
+    listed = ", ".join(f"{d} {s:g} nm" for d, s in sorted(known.items()))
+    spread = hi / lo
+    if spread <= RESAMPLE_SPREAD:
+        return None, (
+            f"the images' own pixels: their pixel sizes ({listed}; {lo:g}..{hi:g} nm) are "
+            f"within a factor {RESAMPLE_SPREAD:g} of each other"
+        )
+    why = f"pixel sizes differ by a factor {spread:.2f} ({listed}; {lo:g}..{hi:g} nm): "
+    mid = round(float(statistics.median(known.values())), 6)
+    thin = sorted(set(fine) | set(_thin_at(fp, mid)))
+    if thin and lo < mid:
+        return lo, why + (
+            f"resampled to the finest, {lo:g} nm, as {', '.join(thin)} "
+            f"{'is' if len(thin) == 1 else 'are'} under {THIN_PX:g} px thick (at the "
+            f"median {mid:g} nm or as they are) and must never be downsampled"
+        )
+    return mid, why + f"resampled to the sub-datasets' median, {mid:g} nm (each image moves least)"
+
+
+def _resolution(fp: dict[str, Any], target: float | None) -> str:
+    """What the plan says of resolution."""
+    _, _, fine = _classes(fp)
+    known, lo, _ = _pixel_sizes(fp)
+    why = f"resampled to {target:g} nm pixels" if target else "native pixels"
+    if fine and (not target or not known or target <= lo):
+        why += f" (never downsampled: {', '.join(fine)} under {THIN_PX:g} px thick)"
+    elif fine:
+        why += f" (downsampling the finest images, {lo:g} nm: {', '.join(fine)} may thin out)"
+    if not known:
         why += (
             "; pixel sizes unknown (no calibration tag or sidecar file; "
             "data.datasets[].pixel_size_nm sets one)"
@@ -463,7 +523,11 @@ def make_plan(
     tile = _tile(plan, setup, fp, dev, fpp, batch) if tp.tile_size == "auto" else tp.tile_size
     steps = _steps(setup, dev, fpp, tile, batch)
     plan.estimates["steps"] = steps
-    plan.estimates["resolution"] = _resolution(fp)
+    target = tp.resample_size
+    if tp.resample_nm == "auto":
+        target, why = resample_target(fp)
+        plan.set("resample_nm", target, why)
+    plan.estimates["resolution"] = _resolution(fp, target)
     if tp.lr == "auto":
         lr = round(2e-3 * math.sqrt(batch / 8), 6)
         plan.set("lr", lr, f"AdamW 2e-3 at 8 tiles, x sqrt(batch / 8) for batch {batch}")
@@ -542,11 +606,16 @@ def plan_stage(
     val_px = sum(it["height"] * it["width"] for it in val)
     inputs = {
         "fingerprint": fp["mask_sha256"],
-        "setup": setup.model_dump(mode="json"),
+        # resample_nm left out while null, so plans saved before the key existed hold
+        "setup": setup.model_dump(
+            mode="json", exclude={"train": {"resample_nm"}} if tp.resample_nm is None else None
+        ),
         "val_pixels": val_px,
         "device": [dev.kind, dev.name],
         "version": PLAN_VERSION,
     }
+    if tp.resample_nm == "auto":  # they plan it, and the masks' hash does not see them
+        inputs["pixel_sizes"] = _pixel_sizes(fp)
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
     if saved and saved.get("estimates", {}).get("inputs_sha256") == key:
         plan = Plan(saved["values"], saved["reasons"], saved["estimates"])

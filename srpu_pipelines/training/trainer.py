@@ -26,7 +26,7 @@ from torch import nn
 from srpu_pipelines.analysis.inference import predict_labels
 from srpu_pipelines.analysis.metrics import ConfusionAccumulator
 from srpu_pipelines.config import StageSetup
-from srpu_pipelines.data.dataset import Sample, TileSampler, load_samples
+from srpu_pipelines.data.dataset import Sample, TileSampler, load_samples, resample_scale
 from srpu_pipelines.data.index import image_hashes, select_items
 from srpu_pipelines.data.masks import MaskCodec
 from srpu_pipelines.data.pool import UnlabeledTiles, bar_rows, unlabeled_paths
@@ -55,13 +55,17 @@ _NOT_LEARNED = {"val_time_share"}
 def validate(
     model: nn.Module, samples: list[Sample], setup: StageSetup, loop: Loop
 ) -> dict[str, Any]:
-    """Scores over full-size images on the model's device: per-class IoU/Dice, means."""
+    """Scores over full-size images on the model's device: per-class IoU/Dice, means.
+    Each image is scored at its own pixels, as evaluation does (a model trained on
+    resampled pixels sees it resampled and its probabilities come back)."""
     inf = setup.inference
+    target = setup.train.resample_size
     acc = ConfusionAccumulator(setup.num_classes)
     for s in samples:
         pred = predict_labels(
             model,
             s.normalized,
+            resample_scale(s.pixel_size_nm, target),
             tile=inf.tile_size,
             overlap=inf.overlap,
             batch_size=inf.batch_size,
@@ -71,6 +75,27 @@ def validate(
         )
         acc.update(pred, s.mask)
     return acc.scores(setup.class_names)
+
+
+def start_pixels(path: str | Path) -> tuple[bool, float | None]:
+    """(whether ``path`` holds a whole SRPU model, the pixel size in nm it was trained at:
+    None for the images' own pixels). An encoder (MAE) or a bare state_dict is no whole
+    model: it has learnt no scale to keep."""
+    path = Path(path)
+    beside = path.with_suffix(".json")
+    config = read_json(beside) if beside.is_file() else None
+    if config is None:  # a registry copy carries its config inside the .pt
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several types for a bad file; name the file
+            raise InputError(f"start weights {path}: not a loadable state_dict ({e})") from None
+        config = obj.get("config") if isinstance(obj, dict) else None
+    if not isinstance(config, dict) or "class_names" not in config:
+        return False, None
+    if config.get("kind") == "encoder":
+        return False, None
+    nm = config.get("resample_nm")
+    return True, float(nm) if nm else None
 
 
 def param_groups(model: nn.Module, mode: str, mult: float) -> list[dict[str, Any]]:
@@ -106,6 +131,17 @@ class StageTask(Task):
         init_require: str | None = None,
         restart_on_change: bool = False,
     ) -> None:
+        start = init_weights or setup.model.weights
+        if setup.train.resample_nm == "auto" and start and Path(start).is_file():
+            whole, nm = start_pixels(start)
+            if whole:  # a warm start goes on at the pixels its weights learnt at
+                tp0 = setup.train.model_copy(update={"resample_nm": nm})
+                setup = setup.model_copy(update={"train": tp0})
+                log.info(
+                    "train.resample_nm auto: %s, kept from the start weights %s",
+                    f"{nm:g} nm" if nm else "the images' own pixels",
+                    start,
+                )
         saved = Path(setup.train.out_dir) / "plan.json"
         previous = read_json(saved) if saved.is_file() else None
         setup, self.plan = plan_stage(setup, index, previous)  # the keys left ``auto``
@@ -136,6 +172,8 @@ class StageTask(Task):
         tp = self.tp
         # keep_start off is left out, so runs saved before the key existed still resume
         off = set() if tp.keep_start else {"keep_start"}
+        if tp.resample_nm is None:  # likewise runs saved before resampling existed
+            off.add("resample_nm")
         t = tp.model_dump(mode="json", exclude=EXECUTION_KEYS | _NOT_LEARNED | off)
         hashes = image_hashes(self.index)
         init = self.init
@@ -150,6 +188,10 @@ class StageTask(Task):
             "val_data": [(i["id"], i["image_sha256"], i["mask_sha256"]) for i in self.val_items],
             "unlabeled": [hashes.get(p, p) for p in self._semi_paths()] if tp.semi.enabled else [],
         }
+        if tp.resample_size:  # the pixels trained and validated on depend on them
+            blob["pixel_sizes"] = [
+                i.get("pixel_size_nm") for i in self.train_items + self.val_items
+            ]
         if tp.keep_start:  # whether the start competes for best.pt depends on what it is
             blob["init_require"] = self.init_require
         self._fingerprint = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
@@ -208,7 +250,16 @@ class StageTask(Task):
             atomic_write_json(self.out / "plan.json", self.plan.as_dict())
         codec = MaskCodec.from_params(setup)
         progress = loop.progress and loop.dist.is_main
-        train_samples = load_samples(self.train_items, codec, "load train", progress)
+        target = tp.resample_size
+        train_samples = load_samples(
+            self.train_items, codec, "load train", progress, resample_nm=target
+        )
+        if target and tp.semi.enabled:
+            log.warning(
+                "train.resample_nm %g: the labelled images are resampled, the unlabelled "
+                "tiles of train.semi are not (they keep their own pixels)",
+                target,
+            )
         self.val_samples = load_samples(self.val_items, codec, "load val", progress)
         tiles = TileSampler(
             train_samples,
