@@ -35,7 +35,8 @@ from srpu_pipelines.data.fingerprint import fingerprint
 from srpu_pipelines.data.index import select_items
 from srpu_pipelines.io.files import atomic_write_json, read_json
 
-PLAN_VERSION = 2  # bump when a rule changes: saved plans are then made again
+PLAN_VERSION = 2  # bump when a rule changes: saved plans are then made again (a rule for a
+# new key needs none: the key itself is among the inputs once it is not null)
 # Share of the nominal fp32 peak a whole training run reaches (srpu bench speed, README):
 # bfloat16 on CPUs with AMX/AVX512-BF16 0.65-0.9 of it; fp32 with AVX-512 (64 FLOPs/cycle)
 # about a third; fp32 with AVX2 (32 FLOPs/cycle, against which the narrow layers and
