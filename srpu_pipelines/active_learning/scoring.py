@@ -33,15 +33,15 @@ from srpu_pipelines.active_learning.uncertainty import (
     tile_grid,
 )
 from srpu_pipelines.analysis.evaluate import inference_runtime
-from srpu_pipelines.analysis.inference import input_scale, iter_prob_bands, resize_probs
+from srpu_pipelines.analysis.inference import (
+    input_scale,
+    iter_prob_bands,
+    resize_probs,
+    scaled_input,
+)
 from srpu_pipelines.compute.device import Runtime
 from srpu_pipelines.config import Params
-from srpu_pipelines.data.dataset import (
-    read_sample,
-    resize_image,
-    scaled_shape,
-    standardize,
-)
+from srpu_pipelines.data.dataset import read_sample, resize_image, standardize
 from srpu_pipelines.data.imageio import ImageReadError
 from srpu_pipelines.errors import MissingError
 from srpu_pipelines.io.faults import fault_point
@@ -101,8 +101,7 @@ def ensemble_probs(
     ``scale`` != 1 (a model trained on resampled pixels): the members see the image
     resampled by ``scale`` and both outputs are resampled back to the image's pixels."""
     if scale != 1.0:
-        small = standardize(resize_image(image, scaled_shape(image.shape, scale)))
-        mean_s, var_s = ensemble_probs(model, small, params, in_channels)
+        mean_s, var_s = ensemble_probs(model, scaled_input(image, scale), params, in_channels)
         mean_b = resize_probs(mean_s, image.shape).astype(np.float16)
         var_b = None if var_s is None else np.clip(resize_image(var_s, image.shape), 0, None)
         return mean_b, var_b

@@ -129,12 +129,16 @@ def resize_probs(probs: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.stack([resize_image(p.astype(np.float32), shape) for p in probs])
 
 
+def scaled_input(image: np.ndarray, scale: float) -> np.ndarray:
+    """A standardised image resampled by ``scale`` and standardised again: what training
+    gave a model trained on resampled pixels (the image resampled, then standardised)."""
+    return standardize(resize_image(image, scaled_shape(image.shape, scale)))
+
+
 def _probs_at(model: nn.Module, image: np.ndarray, scale: float, **kw) -> np.ndarray:
     """float32 (C, H, W) probabilities of a standardised image predicted at ``scale`` x
-    its size and resampled back. The resampled image is standardised again, so the model
-    sees what training gave it: the image resampled, then standardised."""
-    small = standardize(resize_image(image, scaled_shape(image.shape, scale)))
-    return resize_probs(predict_probs(model, small, **kw), image.shape)
+    its size (:func:`scaled_input`) and resampled back."""
+    return resize_probs(predict_probs(model, scaled_input(image, scale), **kw), image.shape)
 
 
 def predict_labels(model: nn.Module, image: np.ndarray, scale: float = 1.0, **kw) -> np.ndarray:

@@ -155,8 +155,7 @@ class StageTask(Task):
         if not self.train_items:
             where = f" of sub-datasets {tp.datasets}" if tp.datasets else ""
             raise InputError(f"train.splits {tp.splits}: no labelled images in these splits{where}")
-        init = init_weights or setup.model.weights
-        self.init = str(init) if init else None
+        self.init = str(start) if start else None
         self.find_unused_parameters = is_vit_encoder(setup.model.encoder)
         self.val_seconds = 0.0
         self._best: tuple[dict[str, Any], dict[str, Any]] | None = None  # not yet on disk
