@@ -363,6 +363,7 @@ PLANNED_TRAIN_KEYS = (
     "loss.class_weights",
     "augment",
     "resample_nm",
+    "upsample",
 )
 
 
@@ -392,6 +393,13 @@ class TrainParams(LoopParams):
         "resampled to it, and the model (its checkpoint records the size) resamples new "
         "images to it and its predictions back (null: every image at its own pixels; auto: "
         "the plan, when the sub-datasets' pixel sizes differ)",
+    )
+    upsample: Annotated[float, Field(ge=1, le=4)] | Auto = Field(
+        default=1.0,
+        description="enlarge every image by this factor (after resample_nm) before the "
+        "network, masks by nearest neighbour; the checkpoint records it and inference "
+        "enlarges new images alike and brings the probabilities back (1: none; auto: the "
+        "plan, 2 for a class under 8 px thick when the time budget affords it)",
     )
     val_time_share: float = Field(
         default=0.25,
@@ -423,6 +431,12 @@ class TrainParams(LoopParams):
         while it is still ``auto``, before the plan has set it)."""
         v = self.resample_nm
         return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+    @property
+    def upsample_factor(self) -> float:
+        """``upsample`` as a factor: 1 while it is still ``auto`` (before the plan)."""
+        v = self.upsample
+        return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else 1.0
 
 
 class PretrainParams(LoopParams):

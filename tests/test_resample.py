@@ -244,13 +244,13 @@ def test_a_warm_start_keeps_the_pixels_its_weights_learnt_at(resampled_run, tmp_
     from srpu_pipelines.training.trainer import StageTask, start_pixels
 
     p, index, res = resampled_run
-    assert start_pixels(res.best_checkpoint) == (True, 5.0)
+    assert start_pixels(res.best_checkpoint) == (True, 5.0, 1.0)
     # a registry copy: the config only inside the .pt
     bare = tmp_path / "copy.pt"
     bare.write_bytes(res.best_checkpoint.read_bytes())
-    assert start_pixels(bare) == (True, 5.0)
+    assert start_pixels(bare) == (True, 5.0, 1.0)
     torch.save({"w": torch.zeros(1)}, tmp_path / "state.pt")  # a bare state_dict
-    assert start_pixels(tmp_path / "state.pt") == (False, None)
+    assert start_pixels(tmp_path / "state.pt") == (False, None, 1.0)
     d = json.loads(p.model_dump_json())
     d["train"]["out_dir"] = str(tmp_path / "next")
     d["data"]["datasets"][1]["pixel_size_nm"] = 20.0  # the plan alone would move

@@ -116,9 +116,11 @@ def iter_prob_bands(
 
 def input_scale(config: dict, pixel_size_nm: float | None) -> float:
     """How much an image of ``pixel_size_nm`` is enlarged before the model of checkpoint
-    ``config`` sees it: to the pixel size it was trained at (``resample_nm``); 1 for a
-    model trained at native pixels or an image of unknown pixel size."""
-    return resample_scale(pixel_size_nm, config.get("resample_nm"))
+    ``config`` sees it: to the pixel size it was trained at (``resample_nm``; not for a
+    model trained at native pixels or an image of unknown pixel size), times the
+    enlargement it was trained with (``upsample``)."""
+    up = float(config.get("upsample") or 1.0)
+    return resample_scale(pixel_size_nm, config.get("resample_nm")) * up
 
 
 def resize_probs(probs: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -120,13 +120,15 @@ def load_samples(
     desc: str = "load",
     progress: bool = True,
     resample_nm: float | None = None,
+    upsample: float = 1.0,
 ) -> list[Sample]:
     """Read the index items' images and masks into memory, each cut above its data bar.
 
     With ``resample_nm``, each sample whose pixel size is known is resampled to pixels of
     that size (image by area/bilinear, mask by nearest neighbour), so sub-datasets imaged
     at different magnifications reach the network at one scale; a sample of unknown pixel
-    size stays at its own pixels (logged)."""
+    size stays at its own pixels (logged). ``upsample`` then enlarges every sample by
+    that factor (thin phases drawn over more pixels)."""
     out = []
     unknown = []
     for it in tqdm(items, desc=desc, disable=not progress, unit="img", leave=False):
@@ -139,14 +141,17 @@ def load_samples(
         img = stretch(img[:rows])
         mask = np.ascontiguousarray(mask[:rows])
         nm = it.get("pixel_size_nm") or None
-        scale = resample_scale(nm, resample_nm)
+        to_target = resample_scale(nm, resample_nm)
         if resample_nm and not nm:
             unknown.append(it["id"])
+        scale = to_target * upsample
         if scale != 1.0:
             shape = scaled_shape(img.shape, scale)
             img = np.clip(resize_image(img, shape), 0.0, 1.0)
             mask = resize_mask(mask, shape)
-            nm = float(resample_nm)  # type: ignore[arg-type]
+            if nm:  # the pixel size as held
+                base = float(resample_nm) if to_target != 1.0 else float(nm)  # type: ignore[arg-type]
+                nm = base / upsample
         out.append(
             Sample(
                 it["id"],

@@ -24,9 +24,13 @@ def model_config(params: Any) -> dict[str, Any]:
     """The JSON config that rebuilds the model of ``params`` (a ``Params``)."""
     m = params.model
     extra = {}
-    nm = getattr(getattr(params, "train", None), "resample_size", None)
+    tp = getattr(params, "train", None)
+    nm = getattr(tp, "resample_size", None)
     if nm:
         extra["resample_nm"] = nm  # the pixels it learnt at: inference resamples to them
+    up = getattr(tp, "upsample_factor", 1.0)
+    if up != 1.0:
+        extra["upsample"] = up  # and the enlargement on top: inference enlarges alike
     return {
         "arch": m.arch,
         "encoder": m.encoder,

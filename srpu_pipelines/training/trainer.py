@@ -59,13 +59,13 @@ def validate(
     Each image is scored at its own pixels, as evaluation does (a model trained on
     resampled pixels sees it resampled and its probabilities come back)."""
     inf = setup.inference
-    target = setup.train.resample_size
+    target, up = setup.train.resample_size, setup.train.upsample_factor
     acc = ConfusionAccumulator(setup.num_classes)
     for s in samples:
         pred = predict_labels(
             model,
             s.normalized,
-            resample_scale(s.pixel_size_nm, target),
+            resample_scale(s.pixel_size_nm, target) * up,
             tile=inf.tile_size,
             overlap=inf.overlap,
             batch_size=inf.batch_size,
@@ -77,10 +77,10 @@ def validate(
     return acc.scores(setup.class_names)
 
 
-def start_pixels(path: str | Path) -> tuple[bool, float | None]:
+def start_pixels(path: str | Path) -> tuple[bool, float | None, float]:
     """(whether ``path`` holds a whole SRPU model, the pixel size in nm it was trained at:
-    None for the images' own pixels). An encoder (MAE) or a bare state_dict is no whole
-    model: it has learnt no scale to keep."""
+    None for the images' own pixels, the factor it enlarged them by). An encoder (MAE) or
+    a bare state_dict is no whole model: it has learnt no scale to keep."""
     path = Path(path)
     beside = path.with_suffix(".json")
     config = read_json(beside) if beside.is_file() else None
@@ -91,11 +91,11 @@ def start_pixels(path: str | Path) -> tuple[bool, float | None]:
             raise InputError(f"start weights {path}: not a loadable state_dict ({e})") from None
         config = obj.get("config") if isinstance(obj, dict) else None
     if not isinstance(config, dict) or "class_names" not in config:
-        return False, None
+        return False, None, 1.0
     if config.get("kind") == "encoder":
-        return False, None
+        return False, None, 1.0
     nm = config.get("resample_nm")
-    return True, float(nm) if nm else None
+    return True, float(nm) if nm else None, float(config.get("upsample") or 1.0)
 
 
 def param_groups(model: nn.Module, mode: str, mult: float) -> list[dict[str, Any]]:
@@ -132,16 +132,22 @@ class StageTask(Task):
         restart_on_change: bool = False,
     ) -> None:
         start = init_weights or setup.model.weights
-        if setup.train.resample_nm == "auto" and start and Path(start).is_file():
-            whole, nm = start_pixels(start)
+        tp0 = setup.train
+        if "auto" in (tp0.resample_nm, tp0.upsample) and start and Path(start).is_file():
+            whole, nm, up = start_pixels(start)
             if whole:  # a warm start goes on at the pixels its weights learnt at
-                tp0 = setup.train.model_copy(update={"resample_nm": nm})
-                setup = setup.model_copy(update={"train": tp0})
-                log.info(
-                    "train.resample_nm auto: %s, kept from the start weights %s",
-                    f"{nm:g} nm" if nm else "the images' own pixels",
-                    start,
-                )
+                keep: dict[str, Any] = {}
+                if tp0.resample_nm == "auto":
+                    keep["resample_nm"] = nm
+                    log.info(
+                        "train.resample_nm auto: %s, kept from the start weights %s",
+                        f"{nm:g} nm" if nm else "the images' own pixels",
+                        start,
+                    )
+                if tp0.upsample == "auto":
+                    keep["upsample"] = up
+                    log.info("train.upsample auto: %g, kept from the start weights %s", up, start)
+                setup = setup.model_copy(update={"train": tp0.model_copy(update=keep)})
         saved = Path(setup.train.out_dir) / "plan.json"
         previous = read_json(saved) if saved.is_file() else None
         setup, self.plan = plan_stage(setup, index, previous)  # the keys left ``auto``
@@ -173,6 +179,8 @@ class StageTask(Task):
         off = set() if tp.keep_start else {"keep_start"}
         if tp.resample_nm is None:  # likewise runs saved before resampling existed
             off.add("resample_nm")
+        if tp.upsample_factor == 1.0:  # and before upsampling existed
+            off.add("upsample")
         t = tp.model_dump(mode="json", exclude=EXECUTION_KEYS | _NOT_LEARNED | off)
         hashes = image_hashes(self.index)
         init = self.init
@@ -249,15 +257,16 @@ class StageTask(Task):
             atomic_write_json(self.out / "plan.json", self.plan.as_dict())
         codec = MaskCodec.from_params(setup)
         progress = loop.progress and loop.dist.is_main
-        target = tp.resample_size
+        target, up = tp.resample_size, tp.upsample_factor
         train_samples = load_samples(
-            self.train_items, codec, "load train", progress, resample_nm=target
+            self.train_items, codec, "load train", progress, resample_nm=target, upsample=up
         )
-        if target and tp.semi.enabled:
+        if (target or up != 1.0) and tp.semi.enabled:
             log.warning(
-                "train.resample_nm %g: the labelled images are resampled, the unlabelled "
-                "tiles of train.semi are not (they keep their own pixels)",
+                "train.resample_nm %s, train.upsample %g: the labelled images are resampled, "
+                "the unlabelled tiles of train.semi are not (they keep their own pixels)",
                 target,
+                up,
             )
         self.val_samples = load_samples(self.val_items, codec, "load val", progress)
         tiles = TileSampler(
