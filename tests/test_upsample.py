@@ -54,14 +54,31 @@ def test_the_upsampling_rule_moves_with_thickness_and_budget(tmp_path):
     steps_only = _up(tmp_path, _fp(rare=THIN), GPU, budget_s=None)
     assert steps_only.values["upsample"] == 1.0 and "step budget" in steps_only.reasons["upsample"]
     # validation is planned for the enlarged images (4x the pixels)
-    a = P.make_plan(_setup(tmp_path, upsample=2.0), _fp(rare=THIN), CPU, 0.05, 10**8)
-    b = P.make_plan(_setup(tmp_path, upsample=1.0), _fp(rare=THIN), CPU, 0.05, 10**8)
+    # (the same tile: with a planned one, training a step grows as much as validating)
+    a = P.make_plan(_setup(tmp_path, upsample=2, tile_size=224), _fp(rare=THIN), CPU, 0.05, 10**8)
+    b = P.make_plan(_setup(tmp_path, upsample=1, tile_size=224), _fp(rare=THIN), CPU, 0.05, 10**8)
     assert a.values["val_every"] > b.values["val_every"]
 
 
 def test_an_explicit_upsample_wins_and_a_bad_one_names_the_key(tmp_path):
     plan = P.make_plan(_setup(tmp_path, upsample=1.5), _fp(rare=THIN), GPU, 0.05)
     assert "upsample" not in plan.values and "enlarged 1.5x" in plan.estimates["resolution"]
+    # a given factor (or one kept from warm-start weights) enlarges a planned tile alike
+    native = P.make_plan(_setup(tmp_path, upsample=1), _fp(rare=THIN), GPU, 0.05)
+    want = P._round32(1.5 * native.values["tile_size"])
+    assert plan.values["tile_size"] == want and "enlargement" in plan.reasons["tile_size"]
+    # ... but not an explicit one
+    fixed = P.make_plan(_setup(tmp_path, upsample=2, tile_size=96), _fp(rare=THIN), GPU, 0.05)
+    assert "tile_size" not in fixed.values
+    # the enlarged tile stops at ENLARGED_TILE_CAP (a GPU's memory)
+    wide = {"thickness": 3.0, "extent": 4000.0}
+    big = _fp(rare=wide, mid={"extent": 4000.0})
+    big["height"] = big["width"] = {"min": 4096, "median": 4096, "max": 4096}
+    capped = P.make_plan(_setup(tmp_path, upsample=2), big, GPU, 0.05)
+    assert (
+        capped.values["tile_size"] == P.ENLARGED_TILE_CAP
+        and "capped" in (capped.reasons["tile_size"])
+    )
     assert "upsample" in P.planned_keys(_setup(tmp_path, upsample="auto"))
     assert "upsample" not in P.planned_keys(_setup(tmp_path, upsample=2))
     for bad in (0.5, 5, "twice"):

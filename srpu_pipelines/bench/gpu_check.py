@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from srpu_pipelines.analysis.inference import predict_labels
+from srpu_pipelines.analysis.inference import input_scale, predict_labels
 from srpu_pipelines.bench.common import on_demo_data
 from srpu_pipelines.compute import flops as F
 from srpu_pipelines.compute.device import Precision, resolve_device, resolve_runtime
@@ -130,9 +130,10 @@ def _agreement(p, index, ckpt: Path, device: str) -> dict[str, Any]:
     bf16 = Precision(dev.type, torch.bfloat16)
     same32, same16, n = 0, 0, 0
     for s in samples:
-        ref = predict_labels(cpu_model, s.normalized, **kw)
-        on32 = predict_labels(dev_model, s.normalized, **kw)
-        on16 = predict_labels(dev_model, s.normalized, precision=bf16, **kw)
+        scale = input_scale(cfg, s.pixel_size_nm)  # the pixels the model learnt at
+        ref = predict_labels(cpu_model, s.normalized, scale, **kw)
+        on32 = predict_labels(dev_model, s.normalized, scale, **kw)
+        on16 = predict_labels(dev_model, s.normalized, scale, precision=bf16, **kw)
         same32 += int((on32 == ref).sum())
         same16 += int((on16 == ref).sum())
         n += ref.size

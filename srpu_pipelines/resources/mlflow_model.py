@@ -9,7 +9,8 @@ Input: float32 (N, H, W) or (H, W) micrographs in [0, 1], any H and W.
 Output: int64 (N, H, W) class indices. ``params``: tile_size, overlap, batch_size, and
 pixel_size_nm (the inputs' pixel size: a model trained on resampled pixels, ``resample_nm``
 in its config, resamples the images to them and its probabilities back; 0 = unknown, the
-images' own pixels).
+images' own pixels). A model trained on enlarged images (``upsample`` in its config)
+enlarges the inputs alike, whatever their pixel size.
 """
 
 from __future__ import annotations

@@ -52,6 +52,8 @@ THIN_PX = 8.0  # a class thinner than this (px) is thin: no blur, full resolutio
 # enlargement for thin classes where the time budget affords it (nasa-super, 1000 steps,
 # tile 448 at 2x vs 224: val mIoU 0.902 vs 0.892, tertiary 0.791 vs 0.778; README)
 UPSAMPLE = 2.0
+ENLARGED_TILE_CAP = 1024  # a planned tile grows with the enlargement up to this (8 tiles of
+# 1024 px are ~8 M pixels a step: a GPU's memory)
 SKELETON_WEIGHT = 0.0  # skeleton recall for line-like classes: off, it lost on nasa-ebc (README)
 ELONGATED = 4.0  # length / thickness from which a fine class is line-like
 ANISOTROPIC = 0.5  # boundary coherence above which 90-degree turns are off
@@ -473,6 +475,41 @@ def resample_target(fp: dict[str, Any]) -> tuple[float | None, str]:
     return mid, why + f"resampled to the sub-datasets' median, {mid:g} nm (each image moves least)"
 
 
+def _enlarged(tp: TrainParams, dev: Device, tile: int, batch: int, up: float):
+    """(tile, batch, reasons) for images enlarged ``up`` x: a planned tile grows with
+    them (the same field of view), up to ENLARGED_TILE_CAP (a GPU's memory); a planned
+    GPU batch is planned for that tile. An explicit tile is kept (its field of view
+    shrinks)."""
+    if tp.tile_size != "auto":
+        return tile, batch, {}
+    want = _round32(tile * up)
+    big = min(want, max(tile, ENLARGED_TILE_CAP))
+    why = {
+        "tile_size": f"; x {up:g} for the enlargement (same field of view)"
+        if big == want
+        else f"; x {up:g} for the enlargement, capped at {big}"
+    }
+    b2 = batch
+    if tp.batch_size == "auto":
+        probe = Plan()
+        b2 = _batch(probe, dev, big)
+        if b2 != batch:
+            why["batch_size"] = probe.reasons["batch_size"] + " (the enlarged tile)"
+    return big, b2, why
+
+
+def _enlarge(
+    plan: Plan, tp: TrainParams, dev: Device, tile: int, batch: int, up: float
+) -> tuple[int, int]:
+    """The planned tile and batch for images enlarged ``up`` x, and why."""
+    big, b2, why = _enlarged(tp, dev, tile, batch, up)
+    if "tile_size" in why:
+        plan.set("tile_size", big, plan.reasons["tile_size"] + why["tile_size"])
+    if "batch_size" in why:
+        plan.set("batch_size", b2, why["batch_size"])
+    return big, b2
+
+
 def _upsample(
     plan: Plan, setup: StageSetup, fp: dict, dev: Device, fpp: float, tile: int, batch: int
 ) -> tuple[float, int, int]:
@@ -497,9 +534,7 @@ def _upsample(
             "lets the plan weigh it)",
         )
         return 1.0, tile, batch
-    big = tile * int(UPSAMPLE) if tp.tile_size == "auto" else tile
-    probe = Plan()
-    b2 = _batch(probe, dev, big) if tp.batch_size == "auto" else batch
+    big, b2, _ = _enlarged(tp, dev, tile, batch, UPSAMPLE)
     steps = _steps(setup, dev, fpp, big, b2)
     need = min(MODEL_MIN_STEPS, tp.total_steps)
     if steps < need:
@@ -511,22 +546,15 @@ def _upsample(
             "a short budget more steps at the images' own pixels do as well (README)",
         )
         return 1.0, tile, batch
+    kept = "" if tp.tile_size == "auto" else " (train.tile_size kept: a smaller field of view)"
     plan.set(
         "upsample",
         UPSAMPLE,
         f"{UPSAMPLE:g}: {th} thick (under {THIN_PX:g} px): images and masks enlarged "
         f"{UPSAMPLE:g}x so that the network draws them over more pixels; the budget still "
-        f"gives ~{steps} steps (>= {need}) at tile {big}, batch {b2}",
+        f"gives ~{steps} steps (>= {need}) at tile {big}, batch {b2}{kept}",
     )
-    if big != tile:
-        plan.set(
-            "tile_size",
-            big,
-            plan.reasons["tile_size"]
-            + f"; x {UPSAMPLE:g} for the enlargement (same field of view)",
-        )
-    if b2 != batch:
-        plan.set("batch_size", b2, probe.reasons["batch_size"] + " (the enlarged tile)")
+    big, b2 = _enlarge(plan, tp, dev, tile, batch, UPSAMPLE)
     return UPSAMPLE, big, b2
 
 
@@ -585,6 +613,8 @@ def make_plan(
     up = tp.upsample_factor
     if tp.upsample == "auto":
         up, tile, batch = _upsample(plan, setup, fp, dev, fpp, tile, batch)
+    elif up != 1.0:  # a factor given (or kept from warm-start weights): the tile follows
+        tile, batch = _enlarge(plan, tp, dev, tile, batch, up)
     steps = _steps(setup, dev, fpp, tile, batch)
     plan.estimates["steps"] = steps
     target = tp.resample_size
