@@ -13,7 +13,7 @@ import torch
 from srpu_pipelines.active_learning.scoring import ensemble_probs
 from srpu_pipelines.analysis.evaluate import evaluate_checkpoint, predict_folder
 from srpu_pipelines.analysis.inference import input_scale, predict_labels, predict_probs
-from srpu_pipelines.config import parse_params, stage_setup
+from srpu_pipelines.config import TrainParams, parse_params, stage_setup
 from srpu_pipelines.data.dataset import (
     load_samples,
     resample_scale,
@@ -240,8 +240,16 @@ def test_evaluation_and_prediction_answer_at_the_images_own_pixels(
     assert pred.shape[:2] == (first["height"], first["width"]) and scales == [2.0]
 
 
+def warm_train(d: dict, index: dict, start) -> TrainParams:
+    """The train section a stage of params dict ``d`` trains with, warm from ``start``
+    (the keys left ``auto`` planned, or kept from the start weights)."""
+    from srpu_pipelines.training.trainer import StageTask
+
+    return StageTask(stage_setup(parse_params(d)), index, init_weights=start).tp
+
+
 def test_a_warm_start_keeps_the_pixels_its_weights_learnt_at(resampled_run, tmp_path):
-    from srpu_pipelines.training.trainer import StageTask, start_pixels
+    from srpu_pipelines.training.trainer import start_pixels
 
     p, index, res = resampled_run
     assert start_pixels(res.best_checkpoint) == (True, 5.0, 1.0)
@@ -254,13 +262,10 @@ def test_a_warm_start_keeps_the_pixels_its_weights_learnt_at(resampled_run, tmp_
     d = json.loads(p.model_dump_json())
     d["train"]["out_dir"] = str(tmp_path / "next")
     d["data"]["datasets"][1]["pixel_size_nm"] = 20.0  # the plan alone would move
-    nxt = parse_params(d)
-    index2 = build_index(nxt, show_progress=False)
-    task = StageTask(stage_setup(nxt), index2, init_weights=res.best_checkpoint)
-    assert task.tp.resample_nm == 5.0
+    index2 = build_index(parse_params(d), show_progress=False)
+    assert warm_train(d, index2, res.best_checkpoint).resample_nm == 5.0
     d["train"]["resample_nm"] = 8.0  # an explicit value wins
-    task = StageTask(stage_setup(parse_params(d)), index2, init_weights=res.best_checkpoint)
-    assert task.tp.resample_nm == 8.0
+    assert warm_train(d, index2, res.best_checkpoint).resample_nm == 8.0
 
 
 def test_the_mlflow_model_takes_the_inputs_pixel_size(resampled_run, monkeypatch):

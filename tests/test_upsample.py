@@ -21,6 +21,7 @@ from srpu_pipelines.training import plan as P
 from srpu_pipelines.training.trainer import StageTask, start_pixels, train_stage
 from tests.conftest import tiny_params_dict
 from tests.test_plan import CPU, GPU, _fp, _setup
+from tests.test_resample import warm_train
 
 THIN = {"thickness": 3.0}
 
@@ -144,11 +145,9 @@ def test_a_warm_start_keeps_its_enlargement_unless_one_is_given(upsampled_run, t
     d = json.loads(p.model_dump_json())
     d["train"]["out_dir"] = str(tmp_path / "next")
     d["train"]["upsample"] = "auto"
-    task = StageTask(stage_setup(parse_params(d)), index, init_weights=res.best_checkpoint)
-    assert task.tp.upsample == 2.0
+    assert warm_train(d, index, res.best_checkpoint).upsample == 2.0
     d["train"]["upsample"] = 1.0  # an explicit value wins
-    task = StageTask(stage_setup(parse_params(d)), index, init_weights=res.best_checkpoint)
-    assert task.tp.upsample == 1.0
+    assert warm_train(d, index, res.best_checkpoint).upsample == 1.0
 
 
 def test_the_run_fingerprint_sees_the_factor(upsampled_run, tmp_path):
@@ -165,6 +164,6 @@ def test_the_run_fingerprint_sees_the_factor(upsampled_run, tmp_path):
 def test_a_factor_of_one_leaves_saved_plans_as_they_were(tmp_path):
     # runs and plans saved before the key existed hold: a factor of 1 is not among the
     # plan's inputs, any other value or auto is
-    assert "upsample" in P._unset_keys(_setup(tmp_path, upsample=1).train)
-    assert "upsample" not in P._unset_keys(_setup(tmp_path, upsample=2).train)
-    assert "upsample" not in P._unset_keys(_setup(tmp_path, upsample="auto").train)
+    assert "upsample" in P.unset_train_keys(_setup(tmp_path, upsample=1).train)
+    assert "upsample" not in P.unset_train_keys(_setup(tmp_path, upsample=2).train)
+    assert "upsample" not in P.unset_train_keys(_setup(tmp_path, upsample="auto").train)

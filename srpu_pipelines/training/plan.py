@@ -667,8 +667,9 @@ def apply_plan(setup: StageSetup, plan: Plan) -> StageSetup:
     return setup.model_copy(update={"train": tp})
 
 
-def _unset_keys(tp: TrainParams) -> set[str]:
-    """Train keys at the value that means "as before they existed"."""
+def unset_train_keys(tp: TrainParams) -> set[str]:
+    """Train keys at the value that means "as before they existed": left out of plan and
+    run fingerprints, so plans and runs saved before them still hold."""
     out = set()
     if tp.resample_nm is None:
         out.add("resample_nm")
@@ -711,7 +712,7 @@ def plan_stage(
         setup = setup.model_copy(update={"model": mp})
     val = select_items(index, [tp.val_split], tp.datasets)
     val_px = sum(it["height"] * it["width"] for it in val)
-    off = _unset_keys(tp)
+    off = unset_train_keys(tp)
     inputs = {
         "fingerprint": fp["mask_sha256"],
         # resample_nm left out while null and upsample while 1, so plans saved before the

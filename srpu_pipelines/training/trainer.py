@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from srpu_pipelines.analysis.inference import predict_labels
+from srpu_pipelines.analysis.inference import input_scale, predict_labels
 from srpu_pipelines.analysis.metrics import ConfusionAccumulator
 from srpu_pipelines.config import StageSetup
-from srpu_pipelines.data.dataset import Sample, TileSampler, load_samples, resample_scale
+from srpu_pipelines.data.dataset import Sample, TileSampler, load_samples
 from srpu_pipelines.data.index import image_hashes, select_items
 from srpu_pipelines.data.masks import MaskCodec
 from srpu_pipelines.data.pool import UnlabeledTiles, bar_rows, unlabeled_paths
@@ -44,7 +44,7 @@ from srpu_pipelines.training.loop import (
     task_is_finished,
 )
 from srpu_pipelines.training.losses import SegLoss
-from srpu_pipelines.training.plan import plan_stage
+from srpu_pipelines.training.plan import plan_stage, unset_train_keys
 from srpu_pipelines.training.semi import WeakStrongPairs, fixmatch_loss, ramp
 
 log = logging.getLogger(__name__)
@@ -59,13 +59,13 @@ def validate(
     Each image is scored at its own pixels, as evaluation does (a model trained on
     resampled pixels sees it resampled and its probabilities come back)."""
     inf = setup.inference
-    target, up = setup.train.resample_size, setup.train.upsample_factor
+    config = model_config(setup)  # what the checkpoint will say of its pixels
     acc = ConfusionAccumulator(setup.num_classes)
     for s in samples:
         pred = predict_labels(
             model,
             s.normalized,
-            resample_scale(s.pixel_size_nm, target) * up,
+            input_scale(config, s.pixel_size_nm),
             tile=inf.tile_size,
             overlap=inf.overlap,
             batch_size=inf.batch_size,
@@ -175,12 +175,9 @@ class StageTask(Task):
         """Settings, data (by content) and the start weights (by content, so a retrained
         earlier stage re-runs the stages after it)."""
         tp = self.tp
-        # keep_start off is left out, so runs saved before the key existed still resume
-        off = set() if tp.keep_start else {"keep_start"}
-        if tp.resample_nm is None:  # likewise runs saved before resampling existed
-            off.add("resample_nm")
-        if tp.upsample_factor == 1.0:  # and before upsampling existed
-            off.add("upsample")
+        # keep_start off is left out, so runs saved before the key existed still resume;
+        # likewise resample_nm null and upsample 1
+        off = unset_train_keys(tp) | (set() if tp.keep_start else {"keep_start"})
         t = tp.model_dump(mode="json", exclude=EXECUTION_KEYS | _NOT_LEARNED | off)
         hashes = image_hashes(self.index)
         init = self.init
